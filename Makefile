@@ -1,0 +1,43 @@
+# meshcloud: `make demo` and `make test` are the two commands; both bootstrap first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap demo demo-down test test-fast lint typecheck bench bench-quick appliance clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+appliance: bootstrap
+	@$(PY) -m meshcloud.images.appliance build
+
+demo: bootstrap appliance
+	@$(VENV)/bin/meshcloud demo up
+
+demo-down: bootstrap
+	@$(VENV)/bin/meshcloud demo down
+
+lint: bootstrap
+	$(VENV)/bin/ruff check meshcloud tests bench
+	$(VENV)/bin/ruff format --check meshcloud tests bench
+
+typecheck: bootstrap
+	$(VENV)/bin/mypy
+
+# Everything, slow suites included: what CI runs.
+test: lint typecheck appliance
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The fast suites only, for a quick check while developing.
+test-fast: bootstrap
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: bootstrap appliance
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-quick: bootstrap appliance
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf build rack-images/appliances/build .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""`meshcloud ...`: the command line. A thin client of the API plus local commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from meshcloud import __version__
+from meshcloud.core.errors import MeshcloudError
+
+
+class _Group(click.Group):
+    """A click group that prints MeshcloudError as one clear line and exits 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MeshcloudError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="meshcloud")
+def main() -> None:
+    """meshcloud: keep VM appliances running on a few edge racks linked by a mesh."""
+
+
+@main.group()
+def config() -> None:
+    """Check daemon configuration files."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate a daemon config file and its cluster secret."""
+    from meshcloud.config import load_config
+
+    cfg = load_config(path)
+    cfg.read_secret()
+    click.echo(f"{path}: valid (rack {cfg.rack.name}, site {cfg.rack.site})")
+
+
+def _register_subcommands() -> None:
+    """Attach command groups that live next to the code they drive."""
+    from meshcloud.demo import demo
+
+    main.add_command(demo)
+
+
+_register_subcommands()
+
+if __name__ == "__main__":
+    main()

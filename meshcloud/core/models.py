@@ -1,0 +1,421 @@
+"""Frozen data models of the cluster: racks, appliance specs, the placement map.
+
+Each model validates itself on construction and raises InvalidInput with a
+message that names the field. ``from_dict`` accepts plain JSON-like data and
+refuses unknown fields; ``to_dict`` returns plain data again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from meshcloud.core.errors import InvalidInput
+from meshcloud.core.names import validate_name
+
+# Bounds that keep specs sane on a rack of commodity servers.
+MAX_VCPUS = 64
+MAX_MEMORY_MIB = 512 * 1024
+MAX_DISK_GIB = 16 * 1024
+MAX_DISKS = 8
+MAX_PORTS = 32
+MAX_REPLICAS = 4
+PRIORITY_MIN, PRIORITY_MAX = 0, 1000
+MAX_BOOT_ARGS_LEN = 256
+_BOOT_ARGS_ALLOWED = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789=._-, "
+)
+
+
+def _int_field(owner: str, key: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{owner}: {key} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{owner}: {key} ({value}) must be between {low} and {high}")
+    return value
+
+
+def _check_keys(owner: str, data: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"{owner} must be an object, not {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        raise InvalidInput(f"{owner}: unknown field(s) {', '.join(unknown)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise InvalidInput(f"{owner}: missing field(s) {', '.join(missing)}")
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One virtual disk of an appliance: a qcow2 volume of ``size_gib``."""
+
+    name: str
+    size_gib: int
+
+    def __post_init__(self) -> None:
+        validate_name("disk", self.name)
+        _int_field(f"disk {self.name}", "size_gib", self.size_gib, 1, MAX_DISK_GIB)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DiskSpec:
+        _check_keys("disk", data, {"name", "size_gib"}, {"name", "size_gib"})
+        return cls(name=data["name"], size_gib=data["size_gib"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "size_gib": self.size_gib}
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A service port the appliance offers on its address."""
+
+    name: str
+    port: int
+    protocol: Protocol = Protocol.TCP
+
+    def __post_init__(self) -> None:
+        validate_name("port", self.name)
+        _int_field(f"port {self.name}", "port", self.port, 1, 65535)
+        if self.protocol not in (Protocol.TCP, Protocol.UDP):
+            raise InvalidInput(f"port {self.name}: protocol must be 'tcp' or 'udp'")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PortSpec:
+        _check_keys("port", data, {"name", "port", "protocol"}, {"name", "port"})
+        proto = data.get("protocol", "tcp")
+        if proto not in ("tcp", "udp"):
+            raise InvalidInput(f"port {data.get('name')!r}: protocol must be 'tcp' or 'udp'")
+        return cls(name=data["name"], port=data["port"], protocol=Protocol(proto))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "port": self.port, "protocol": str(self.protocol)}
+
+
+@dataclass(frozen=True)
+class ApplianceSpec:
+    """The desired state of one appliance: what to run, how big, how important.
+
+    ``priority`` runs from 0 (stopped first when capacity is short) to 1000.
+    ``replicas`` is the number of other racks that hold copies of its disks.
+    ``ip`` is the appliance's stable address on the rack segment (optional).
+    ``boot_args`` are extra kernel arguments for appliances booted from a
+    kernel (the demo appliance), restricted to a safe character set.
+    """
+
+    name: str
+    image: str
+    vcpus: int = 1
+    memory_mib: int = 256
+    disks: tuple[DiskSpec, ...] = ()
+    priority: int = 500
+    replicas: int = 1
+    ports: tuple[PortSpec, ...] = ()
+    ip: str | None = None
+    boot_args: str = ""
+
+    def __post_init__(self) -> None:
+        validate_name("appliance", self.name)
+        owner = f"appliance {self.name}"
+        validate_name("image", self.image)
+        _int_field(owner, "vcpus", self.vcpus, 1, MAX_VCPUS)
+        _int_field(owner, "memory_mib", self.memory_mib, 64, MAX_MEMORY_MIB)
+        _int_field(owner, "priority", self.priority, PRIORITY_MIN, PRIORITY_MAX)
+        _int_field(owner, "replicas", self.replicas, 0, MAX_REPLICAS)
+        if not isinstance(self.disks, tuple) or not all(
+            isinstance(d, DiskSpec) for d in self.disks
+        ):
+            raise InvalidInput(f"{owner}: disks must be a list of disks")
+        if len(self.disks) > MAX_DISKS:
+            raise InvalidInput(f"{owner}: at most {MAX_DISKS} disks, got {len(self.disks)}")
+        disk_names = [d.name for d in self.disks]
+        if len(set(disk_names)) != len(disk_names):
+            raise InvalidInput(f"{owner}: disk names must be unique")
+        if not isinstance(self.ports, tuple) or not all(
+            isinstance(p, PortSpec) for p in self.ports
+        ):
+            raise InvalidInput(f"{owner}: ports must be a list of ports")
+        if len(self.ports) > MAX_PORTS:
+            raise InvalidInput(f"{owner}: at most {MAX_PORTS} ports, got {len(self.ports)}")
+        if self.ip is not None:
+            try:
+                addr = ipaddress.ip_address(self.ip)
+            except ValueError:
+                raise InvalidInput(f"{owner}: ip {self.ip!r} is not an IP address") from None
+            if addr.version != 4 or addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+                raise InvalidInput(f"{owner}: ip {self.ip} must be a unicast IPv4 address")
+        if not isinstance(self.boot_args, str):
+            raise InvalidInput(f"{owner}: boot_args must be a string")
+        if len(self.boot_args) > MAX_BOOT_ARGS_LEN:
+            raise InvalidInput(f"{owner}: boot_args longer than {MAX_BOOT_ARGS_LEN} characters")
+        bad = sorted(set(self.boot_args) - _BOOT_ARGS_ALLOWED)
+        if bad:
+            raise InvalidInput(
+                f"{owner}: boot_args may hold only letters, digits, spaces and '=._-,'"
+                f" (found {bad[0]!r})"
+            )
+
+    @property
+    def disk_gib(self) -> int:
+        """Total disk size the appliance needs on each rack holding it."""
+        return sum(d.size_gib for d in self.disks)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ApplianceSpec:
+        fields = {
+            "name", "image", "vcpus", "memory_mib", "disks", "priority",
+            "replicas", "ports", "ip", "boot_args",
+        }  # fmt: skip
+        _check_keys("appliance", data, fields, {"name", "image"})
+        disks = data.get("disks", [])
+        ports = data.get("ports", [])
+        if not isinstance(disks, list):
+            raise InvalidInput("appliance: disks must be a list")
+        if not isinstance(ports, list):
+            raise InvalidInput("appliance: ports must be a list")
+        kwargs = {k: v for k, v in data.items() if k not in ("disks", "ports")}
+        return cls(
+            **kwargs,
+            disks=tuple(DiskSpec.from_dict(d) for d in disks),
+            ports=tuple(PortSpec.from_dict(p) for p in ports),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image": self.image,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "disks": [d.to_dict() for d in self.disks],
+            "priority": self.priority,
+            "replicas": self.replicas,
+            "ports": [p.to_dict() for p in self.ports],
+            "ip": self.ip,
+            "boot_args": self.boot_args,
+        }
+
+
+def appliance_mac(cluster_id: str, appliance: str) -> str:
+    """A stable, locally administered MAC for an appliance, the same on every rack."""
+    digest = hashlib.sha256(f"{cluster_id}/{appliance}".encode()).digest()
+    # 0x52 = locally administered, unicast (QEMU's 52:54:00 prefix is the same idea).
+    return "52:54:" + ":".join(f"{b:02x}" for b in digest[:4])
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Resources a rack offers to appliances (or an appliance needs)."""
+
+    vcpus: int
+    memory_mib: int
+    disk_gib: int
+
+    def __post_init__(self) -> None:
+        _int_field("capacity", "vcpus", self.vcpus, 0, 100_000)
+        _int_field("capacity", "memory_mib", self.memory_mib, 0, 1 << 40)
+        _int_field("capacity", "disk_gib", self.disk_gib, 0, 1 << 30)
+
+    def fits(self, need: Capacity) -> bool:
+        return (
+            need.vcpus <= self.vcpus
+            and need.memory_mib <= self.memory_mib
+            and need.disk_gib <= self.disk_gib
+        )
+
+    def minus(self, used: Capacity) -> Capacity:
+        """What is left; may not go negative (callers check ``fits`` first)."""
+        return Capacity(
+            self.vcpus - used.vcpus,
+            self.memory_mib - used.memory_mib,
+            self.disk_gib - used.disk_gib,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {"vcpus": self.vcpus, "memory_mib": self.memory_mib, "disk_gib": self.disk_gib}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Capacity:
+        _check_keys(
+            "capacity",
+            data,
+            {"vcpus", "memory_mib", "disk_gib"},
+            {"vcpus", "memory_mib", "disk_gib"},
+        )
+        return cls(data["vcpus"], data["memory_mib"], data["disk_gib"])
+
+
+def spec_needs(spec: ApplianceSpec) -> Capacity:
+    """The capacity an appliance takes on the rack that runs it."""
+    return Capacity(spec.vcpus, spec.memory_mib, spec.disk_gib)
+
+
+@dataclass(frozen=True)
+class Rack:
+    """A member rack: identity, where it is, what it offers, how to reach it."""
+
+    name: str
+    site: str
+    capacity: Capacity
+    address: str = ""
+    api_port: int = 0
+    raft_port: int = 0
+    drained: bool = False
+
+    def __post_init__(self) -> None:
+        validate_name("rack", self.name)
+        validate_name("site", self.site)
+        if self.address:
+            try:
+                ipaddress.ip_address(self.address)
+            except ValueError:
+                raise InvalidInput(
+                    f"rack {self.name}: address {self.address!r} is not an IP"
+                ) from None
+        _int_field(f"rack {self.name}", "api_port", self.api_port, 0, 65535)
+        _int_field(f"rack {self.name}", "raft_port", self.raft_port, 0, 65535)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "site": self.site,
+            "capacity": self.capacity.to_dict(),
+            "address": self.address,
+            "api_port": self.api_port,
+            "raft_port": self.raft_port,
+            "drained": self.drained,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rack:
+        fields = {"name", "site", "capacity", "address", "api_port", "raft_port", "drained"}
+        _check_keys("rack", data, fields, {"name", "site", "capacity"})
+        kwargs = dict(data)
+        kwargs["capacity"] = Capacity.from_dict(data["capacity"])
+        return cls(**kwargs)
+
+
+class ApplianceState(StrEnum):
+    """What the placement map wants for an appliance."""
+
+    RUNNING = "running"  # assigned to a primary that should run it
+    STOPPED = "stopped"  # stopped by an operator
+    WAITING = "waiting"  # wanted, but no rack has room (see reason)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where an appliance runs and where its replicas live, under a fencing epoch."""
+
+    appliance: str
+    primary: str | None
+    replicas: tuple[str, ...] = ()
+    epoch: int = 0
+    state: ApplianceState = ApplianceState.RUNNING
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        validate_name("appliance", self.appliance)
+        if self.primary is not None:
+            validate_name("rack", self.primary)
+        for r in self.replicas:
+            validate_name("rack", r)
+        if self.primary is not None and self.primary in self.replicas:
+            raise InvalidInput(
+                f"appliance {self.appliance}: primary {self.primary} is also a replica"
+            )
+        if len(set(self.replicas)) != len(self.replicas):
+            raise InvalidInput(f"appliance {self.appliance}: replica racks must be distinct")
+        _int_field(f"assignment {self.appliance}", "epoch", self.epoch, 0, 1 << 62)
+
+    def holders(self) -> tuple[str, ...]:
+        """Every rack that keeps a copy of the disks, primary first."""
+        return ((self.primary,) if self.primary else ()) + self.replicas
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "appliance": self.appliance,
+            "primary": self.primary,
+            "replicas": list(self.replicas),
+            "epoch": self.epoch,
+            "state": str(self.state),
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Assignment:
+        fields = {"appliance", "primary", "replicas", "epoch", "state", "reason"}
+        _check_keys("assignment", data, fields, {"appliance", "primary"})
+        return cls(
+            appliance=data["appliance"],
+            primary=data["primary"],
+            replicas=tuple(data.get("replicas", ())),
+            epoch=data.get("epoch", 0),
+            state=ApplianceState(data.get("state", "running")),
+            reason=data.get("reason", ""),
+        )
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """An immutable view of the placement map, read once per control-loop cycle."""
+
+    cluster_id: str
+    racks: Mapping[str, Rack] = field(default_factory=dict)
+    appliances: Mapping[str, ApplianceSpec] = field(default_factory=dict)
+    assignments: Mapping[str, Assignment] = field(default_factory=dict)
+    revision: int = 0
+
+    def __post_init__(self) -> None:
+        for name, rack in self.racks.items():
+            if name != rack.name:
+                raise InvalidInput(f"rack key {name!r} does not match rack name {rack.name!r}")
+        for name, spec in self.appliances.items():
+            if name != spec.name:
+                raise InvalidInput(f"appliance key {name!r} does not match {spec.name!r}")
+        for name, asg in self.assignments.items():
+            if name != asg.appliance:
+                raise InvalidInput(f"assignment key {name!r} does not match {asg.appliance!r}")
+
+    def assigned_to(self, rack: str) -> tuple[str, ...]:
+        """Appliances whose primary is ``rack``, sorted by name."""
+        return tuple(
+            sorted(
+                a.appliance
+                for a in self.assignments.values()
+                if a.primary == rack and a.state == ApplianceState.RUNNING
+            )
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "revision": self.revision,
+            "racks": {k: v.to_dict() for k, v in sorted(self.racks.items())},
+            "appliances": {k: v.to_dict() for k, v in sorted(self.appliances.items())},
+            "assignments": {k: v.to_dict() for k, v in sorted(self.assignments.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterSnapshot:
+        fields = {"cluster_id", "revision", "racks", "appliances", "assignments"}
+        _check_keys("snapshot", data, fields, {"cluster_id"})
+        return cls(
+            cluster_id=data["cluster_id"],
+            revision=data.get("revision", 0),
+            racks={k: Rack.from_dict(v) for k, v in data.get("racks", {}).items()},
+            appliances={
+                k: ApplianceSpec.from_dict(v) for k, v in data.get("appliances", {}).items()
+            },
+            assignments={
+                k: Assignment.from_dict(v) for k, v in data.get("assignments", {}).items()
+            },
+        )
