@@ -1,0 +1,1 @@
+"""Several racks on one machine, each in its own network namespace."""
