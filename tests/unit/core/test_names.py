@@ -8,7 +8,7 @@ VALID = ["a", "rack-1", "tile-cache", "voip2", "a" * NAME_MAX_LEN, "x-y-z", "db0
 HOSTILE = [
     ("", "empty"),
     ("a" * (NAME_MAX_LEN + 1), "characters long"),
-    ("it's", "\"'\""),
+    ("it's", '"\'"'),
     ('say"hi', "'\"'"),
     ("<script>", "'<'"),
     ("a<b", "'<'"),
@@ -23,7 +23,7 @@ HOSTILE = [
     ("a\x1b[31m", "U+001B"),
     ("\u0430pp", "CYRILLIC SMALL LETTER A"),  # Cyrillic 'a' look-alike
     ("rack\u2010one", "HYPHEN"),  # Unicode hyphen look-alike
-    ("ｒａｃｋ", "FULLWIDTH"),
+    ("\uff52\uff41\uff43\uff4b", "FULLWIDTH"),  # fullwidth "rack"
     ("Rack", "'R'"),
     ("1rack", "start with a lowercase letter"),
     ("-rack", "start with a lowercase letter"),
