@@ -44,6 +44,31 @@ def config_check(path: Path) -> None:
     click.echo(f"{path}: valid (rack {cfg.rack.name}, site {cfg.rack.site})")
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="the daemon's YAML config file",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def daemon(config_path: Path, log_level: str) -> None:
+    """Run the rack daemon (refuses to start without a cluster secret)."""
+    from meshcloud.config import load_config
+    from meshcloud.daemon import run_daemon
+    from meshcloud.log import setup_logging
+
+    cfg = load_config(config_path)
+    setup_logging(rack=cfg.rack.name, level=log_level)
+    run_daemon(cfg)
+
+
 def _register_subcommands() -> None:
     """Attach command groups that live next to the code they drive."""
     from meshcloud.demo import demo

@@ -1,0 +1,1 @@
+"""aiohttp: the JSON API, server-sent events and the web console."""
