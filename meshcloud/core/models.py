@@ -365,6 +365,50 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """The last committed lease renewal of a rack.
+
+    ``issued_at`` is the rack's own clock when it sent the renewal (the rack
+    counts its lease from it); ``received_at`` is the clock of the leader
+    ``leader`` (in Raft term ``term``) when that leader received it. Clocks of
+    different racks are not comparable: only ``leader`` may use ``received_at``.
+    """
+
+    rack: str
+    issued_at: float
+    received_at: float
+    leader: str = ""
+    term: int = 0
+
+    def __post_init__(self) -> None:
+        validate_name("rack", self.rack)
+        if self.leader:
+            validate_name("leader rack", self.leader)
+        for key in ("issued_at", "received_at"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"lease {self.rack}: {key} must be a number")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise InvalidInput(f"lease {self.rack}: {key} must be a finite number")
+        _int_field(f"lease {self.rack}", "term", self.term, 0, 1 << 62)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rack": self.rack,
+            "issued_at": self.issued_at,
+            "received_at": self.received_at,
+            "leader": self.leader,
+            "term": self.term,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Lease:
+        fields = {"rack", "issued_at", "received_at", "leader", "term"}
+        _check_keys("lease", data, fields, {"rack", "issued_at", "received_at"})
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class ClusterSnapshot:
     """An immutable view of the placement map, read once per control-loop cycle."""
 
@@ -373,6 +417,10 @@ class ClusterSnapshot:
     appliances: Mapping[str, ApplianceSpec] = field(default_factory=dict)
     assignments: Mapping[str, Assignment] = field(default_factory=dict)
     revision: int = 0
+    # Added for the Raft placement map (meshcloud/core/state.py):
+    leases: Mapping[str, Lease] = field(default_factory=dict)
+    replica_generations: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    voters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, rack in self.racks.items():
@@ -384,6 +432,9 @@ class ClusterSnapshot:
         for name, asg in self.assignments.items():
             if name != asg.appliance:
                 raise InvalidInput(f"assignment key {name!r} does not match {asg.appliance!r}")
+        for name, lease in self.leases.items():
+            if name != lease.rack:
+                raise InvalidInput(f"lease key {name!r} does not match rack {lease.rack!r}")
 
     def assigned_to(self, rack: str) -> tuple[str, ...]:
         """Appliances whose primary is ``rack``, sorted by name."""
@@ -402,11 +453,19 @@ class ClusterSnapshot:
             "racks": {k: v.to_dict() for k, v in sorted(self.racks.items())},
             "appliances": {k: v.to_dict() for k, v in sorted(self.appliances.items())},
             "assignments": {k: v.to_dict() for k, v in sorted(self.assignments.items())},
+            "leases": {k: v.to_dict() for k, v in sorted(self.leases.items())},
+            "replica_generations": {
+                k: dict(sorted(v.items())) for k, v in sorted(self.replica_generations.items())
+            },
+            "voters": list(self.voters),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterSnapshot:
-        fields = {"cluster_id", "revision", "racks", "appliances", "assignments"}
+        fields = {
+            "cluster_id", "revision", "racks", "appliances", "assignments",
+            "leases", "replica_generations", "voters",
+        }  # fmt: skip
         _check_keys("snapshot", data, fields, {"cluster_id"})
         return cls(
             cluster_id=data["cluster_id"],
@@ -418,4 +477,9 @@ class ClusterSnapshot:
             assignments={
                 k: Assignment.from_dict(v) for k, v in data.get("assignments", {}).items()
             },
+            leases={k: Lease.from_dict(v) for k, v in data.get("leases", {}).items()},
+            replica_generations={
+                k: dict(v) for k, v in data.get("replica_generations", {}).items()
+            },
+            voters=tuple(data.get("voters", ())),
         )
