@@ -13,6 +13,7 @@ from aiohttp import web
 
 from meshcloud.config import DaemonConfig
 from meshcloud.web.app import WebContext, create_app
+from meshcloud.web.auth import api_token
 
 log = logging.getLogger("meshcloud.daemon")
 
@@ -24,7 +25,9 @@ class Daemon:
         self.cfg = cfg
         self.secret = secret
         self.stopping = asyncio.Event()
-        self.web_context = WebContext(rack=cfg.rack.name, site=cfg.rack.site, status=self.status)
+        self.web_context = WebContext(
+            rack=cfg.rack.name, site=cfg.rack.site, api_token=api_token(secret), status=self.status
+        )
 
     def status(self) -> dict[str, Any]:
         return {"state": "running"}

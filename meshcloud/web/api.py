@@ -1,0 +1,84 @@
+"""Handlers of the v1 JSON API. Routes are wired in routes.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from meshcloud.core.errors import InvalidInput, NotFound
+from meshcloud.core.models import ApplianceSpec
+from meshcloud.core.names import validate_name
+from meshcloud.web.control import ClusterControl
+from meshcloud.web.sse import stream
+from meshcloud.web.validation import read_json
+
+CONTROL = web.AppKey("control", ClusterControl)
+RACK_NAME = web.AppKey("rack_name", str)
+RECENT_EVENTS = 50
+
+
+def cluster_document(control: ClusterControl, answered_by: str) -> dict[str, Any]:
+    snap = control.snapshot()
+    doc = snap.to_dict()
+    doc["leader"] = control.leader()
+    doc["answered_by"] = answered_by
+    doc["health"] = control.health()
+    doc["events"] = [e.to_dict() for e in control.recent_events(RECENT_EVENTS)]
+    return doc
+
+
+async def get_cluster(request: web.Request) -> web.Response:
+    return web.json_response(cluster_document(request.app[CONTROL], request.app[RACK_NAME]))
+
+
+def _appliance_status(control: ClusterControl, name: str) -> dict[str, Any]:
+    snap = control.snapshot()
+    spec = snap.appliances.get(name)
+    if spec is None:
+        raise NotFound(f"appliance {name} does not exist")
+    asg = snap.assignments.get(name)
+    return {"spec": spec.to_dict(), "assignment": asg.to_dict() if asg else None}
+
+
+async def get_appliance(request: web.Request) -> web.Response:
+    name = validate_name("appliance", request.match_info["name"])
+    return web.json_response(_appliance_status(request.app[CONTROL], name))
+
+
+async def put_appliance(request: web.Request) -> web.Response:
+    name = validate_name("appliance", request.match_info["name"])
+    body = await read_json(request, "ApplianceSpec")
+    if body.get("name") != name:
+        raise InvalidInput(f"name in the body ({body.get('name')!r}) must match the URL ({name})")
+    spec = ApplianceSpec.from_dict(body)
+    control = request.app[CONTROL]
+    await control.put_appliance(spec)
+    return web.json_response(_appliance_status(control, name))
+
+
+async def delete_appliance(request: web.Request) -> web.Response:
+    name = validate_name("appliance", request.match_info["name"])
+    await request.app[CONTROL].delete_appliance(name)
+    return web.json_response({"deleted": name})
+
+
+async def _set_drained(request: web.Request, drained: bool) -> web.Response:
+    rack = validate_name("rack", request.match_info["name"])
+    await request.app[CONTROL].set_drained(rack, drained)
+    return web.json_response({"rack": rack, "drained": drained})
+
+
+async def drain_rack(request: web.Request) -> web.Response:
+    return await _set_drained(request, True)
+
+
+async def undrain_rack(request: web.Request) -> web.Response:
+    return await _set_drained(request, False)
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    control = request.app[CONTROL]
+    initial = [("event", e.to_dict()) for e in control.recent_events(RECENT_EVENTS)]
+    initial.append(("cluster", cluster_document(control, request.app[RACK_NAME])))
+    return await stream(request, initial, control.subscribe())
