@@ -71,9 +71,12 @@ def daemon(config_path: Path, log_level: str) -> None:
 
 def _register_subcommands() -> None:
     """Attach command groups that live next to the code they drive."""
+    from meshcloud.cli_api import COMMANDS
     from meshcloud.demo import demo
 
     main.add_command(demo)
+    for command in COMMANDS:
+        main.add_command(command)
 
 
 _register_subcommands()
