@@ -1,0 +1,1 @@
+"""Hypervisor adapter: domain XML from specs, lifecycle, events (libvirt)."""
