@@ -1,0 +1,553 @@
+"""The placement map as a pure, deterministic replicated state machine.
+
+Every rack holds a :class:`PlacementState` and feeds it the same commands in
+the same order (the Raft log), so every rack must compute the same result:
+:func:`apply` reads nothing but its arguments - no clock, no randomness, no
+I/O. Timestamps and ids are minted by the *proposer* and travel inside the
+command.
+
+A command is a plain JSON-serialisable dict ``{"op": NAME, ...fields}``.
+Every command may also carry ``request_id`` (an id minted by the proposer,
+echoed in the result) and ``expected_revision`` (compare-and-set on the
+whole map: the command is refused unless the map is at that revision).
+
+Ops (fields in brackets are optional):
+
+=================  ==========================================================
+cluster_init       cluster_id, max_voters (1/3/5), voters: the founding voters
+rack_join          rack: a Rack as a dict (join, or update an existing rack)
+rack_remove        rack: name (a voter is replaced by a follower, see below)
+appliance_set      spec: an ApplianceSpec as a dict (create or replace)
+appliance_remove   name (its assignment and replica reports go with it)
+assignment_set     assignment: an Assignment as a dict; expected_epoch: the
+                   current epoch, or None if there must be no assignment yet
+lease_renew        rack, issued_at (the rack's clock at send), received_at
+                   (the leader's clock at receipt), [leader, term]
+replica_report     appliance, rack, generation (never goes backwards)
+append             key, value: append a value to a named list (history tests)
+=================  ==========================================================
+
+:func:`apply` never raises: a malformed or refused command leaves the state
+unchanged and returns ``{"ok": False, "error": KIND, "message": ...}`` with
+KIND one of ``invalid``, ``conflict``, ``not_found``. A replicated state
+machine that raised on a bad entry would stop applying the log for good.
+:func:`validate_command` raises InvalidInput instead, for proposers that want
+to refuse a command before it reaches the log.
+
+Voters: :func:`choose_voters` keeps the current voters, fills free seats
+(up to ``max_voters``, an odd number) with the racks of the sites that have
+the fewest voters, and replaces a removed voter the same way. It runs inside
+:func:`apply`, so every rack agrees on who should vote.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from meshcloud.core.errors import Conflict, InvalidInput, MeshcloudError, NotFound
+from meshcloud.core.models import (
+    ApplianceSpec,
+    Assignment,
+    ClusterSnapshot,
+    Lease,
+    Rack,
+)
+from meshcloud.core.names import name_problem, validate_name
+
+MAX_CLUSTER_ID_LEN = 64
+MAX_REQUEST_ID_LEN = 64
+MAX_LOG_VALUE_LEN = 256
+MAX_LOG_ENTRIES = 200_000
+MAX_GENERATION = 1 << 62
+ALLOWED_MAX_VOTERS = (1, 3, 5)
+COMMON_FIELDS = frozenset({"op", "request_id", "expected_revision"})
+
+Result = dict[str, Any]
+
+
+def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class PlacementState:
+    """The whole replicated placement map. Immutable: :func:`apply` returns a new one.
+
+    ``revision`` counts the commands that changed the map. ``voters`` are the
+    racks that should vote in Raft (the store makes Raft membership follow
+    it). ``logs`` holds the lists built by ``append`` (used by history tests).
+    """
+
+    cluster_id: str = ""
+    revision: int = 0
+    max_voters: int = 5
+    voters: tuple[str, ...] = ()
+    racks: Mapping[str, Rack] = field(default_factory=_frozen)
+    appliances: Mapping[str, ApplianceSpec] = field(default_factory=_frozen)
+    assignments: Mapping[str, Assignment] = field(default_factory=_frozen)
+    leases: Mapping[str, Lease] = field(default_factory=_frozen)
+    generations: Mapping[str, Mapping[str, int]] = field(default_factory=_frozen)
+    logs: Mapping[str, tuple[str | int, ...]] = field(default_factory=_frozen)
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The immutable view the control loops read (see meshcloud.core.models)."""
+        return ClusterSnapshot(
+            cluster_id=self.cluster_id,
+            racks=self.racks,
+            appliances=self.appliances,
+            assignments=self.assignments,
+            revision=self.revision,
+            leases=self.leases,
+            replica_generations=self.generations,
+            voters=self.voters,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-like data (for full dumps and snapshots shipped between racks)."""
+        return {
+            "cluster_id": self.cluster_id,
+            "revision": self.revision,
+            "max_voters": self.max_voters,
+            "voters": list(self.voters),
+            "racks": {k: v.to_dict() for k, v in sorted(self.racks.items())},
+            "appliances": {k: v.to_dict() for k, v in sorted(self.appliances.items())},
+            "assignments": {k: v.to_dict() for k, v in sorted(self.assignments.items())},
+            "leases": {k: v.to_dict() for k, v in sorted(self.leases.items())},
+            "generations": {
+                k: dict(sorted(v.items())) for k, v in sorted(self.generations.items())
+            },
+            "logs": {k: list(v) for k, v in sorted(self.logs.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlacementState:
+        return cls(
+            cluster_id=str(data.get("cluster_id", "")),
+            revision=int(data.get("revision", 0)),
+            max_voters=int(data.get("max_voters", 5)),
+            voters=tuple(data.get("voters", ())),
+            racks=_frozen({k: Rack.from_dict(v) for k, v in data.get("racks", {}).items()}),
+            appliances=_frozen(
+                {k: ApplianceSpec.from_dict(v) for k, v in data.get("appliances", {}).items()}
+            ),
+            assignments=_frozen(
+                {k: Assignment.from_dict(v) for k, v in data.get("assignments", {}).items()}
+            ),
+            leases=_frozen({k: Lease.from_dict(v) for k, v in data.get("leases", {}).items()}),
+            generations=_frozen({k: _frozen(v) for k, v in data.get("generations", {}).items()}),
+            logs=_frozen({k: tuple(v) for k, v in data.get("logs", {}).items()}),
+        )
+
+
+EMPTY = PlacementState()
+
+
+# --- voters -----------------------------------------------------------------
+
+
+def voter_count(racks: int, max_voters: int) -> int:
+    """How many voters ``racks`` racks should have: at most ``max_voters``, and odd."""
+    count = min(racks, max_voters)
+    if count > 1 and count % 2 == 0:
+        count -= 1
+    return count
+
+
+def choose_voters(
+    racks: Mapping[str, Rack], current: tuple[str, ...], max_voters: int
+) -> tuple[str, ...]:
+    """The racks that should vote, sorted by name; moves as few seats as possible.
+
+    Current voters keep their seat while they are racks of the map (a voter
+    named by ``cluster_init`` keeps its seat before its ``rack_join`` lands).
+    Free seats go to the rack of the site with the fewest voters, ties broken
+    by site name then rack name; surplus seats (racks were removed) are taken
+    from the site with the most voters, highest name first.
+    """
+    keep = list(dict.fromkeys(current))
+    target = voter_count(len(set(racks) | set(keep)), max_voters)
+
+    def site_of(name: str) -> str:
+        rack = racks.get(name)
+        return rack.site if rack is not None else ""
+
+    def per_site(names: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[site_of(n)] = counts.get(site_of(n), 0) + 1
+        return counts
+
+    while len(keep) > target:
+        counts = per_site(keep)
+        victim = max(keep, key=lambda n: (n not in racks, counts[site_of(n)], n))
+        keep.remove(victim)
+    spare = sorted(n for n in racks if n not in keep)
+    while len(keep) < target and spare:
+        counts = per_site(keep)
+        pick = min(spare, key=lambda n: (counts.get(site_of(n), 0), site_of(n), n))
+        keep.append(pick)
+        spare.remove(pick)
+    return tuple(sorted(keep))
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def _fail(kind: str, message: str) -> Result:
+    return {"ok": False, "error": kind, "message": message}
+
+
+def _require_fields(
+    op: str, command: Mapping[str, Any], required: set[str], optional: set[str]
+) -> None:
+    allowed = required | optional | COMMON_FIELDS
+    unknown = sorted(str(k) for k in command if k not in allowed)
+    if unknown:
+        raise InvalidInput(f"{op}: unknown field(s) {', '.join(unknown)}")
+    missing = sorted(required - set(command))
+    if missing:
+        raise InvalidInput(f"{op}: missing field(s) {', '.join(missing)}")
+
+
+def _number(op: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{op}: {key} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidInput(f"{op}: {key} must be a finite number")
+    return float(value)
+
+
+def _int(op: str, key: str, value: object, low: int = 0, high: int = MAX_GENERATION) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{op}: {key} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{op}: {key} ({value}) must be between {low} and {high}")
+    return value
+
+
+def _mapping(op: str, key: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{op}: {key} must be an object, not {type(value).__name__}")
+    return value
+
+
+_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "cluster_init": ({"cluster_id", "max_voters", "voters"}, set()),
+    "rack_join": ({"rack"}, set()),
+    "rack_remove": ({"rack"}, set()),
+    "appliance_set": ({"spec"}, set()),
+    "appliance_remove": ({"name"}, set()),
+    "assignment_set": ({"assignment", "expected_epoch"}, set()),
+    "lease_renew": ({"rack", "issued_at", "received_at"}, {"leader", "term"}),
+    "replica_report": ({"appliance", "rack", "generation"}, set()),
+    "append": ({"key", "value"}, set()),
+}
+OPS = tuple(sorted(_FIELDS))
+
+
+def validate_command(command: object) -> Mapping[str, Any]:
+    """Return ``command`` if it is a well-formed command, else raise InvalidInput.
+
+    Checks shape and values only; whether the command applies to the current
+    map (compare-and-set, existence) is decided by :func:`apply`.
+    """
+    if not isinstance(command, Mapping):
+        raise InvalidInput(f"a command must be an object, not {type(command).__name__}")
+    op = command.get("op")
+    if not isinstance(op, str) or op not in _FIELDS:
+        raise InvalidInput(f"unknown op {op!r:.40}: use one of {', '.join(OPS)}")
+    required, optional = _FIELDS[op]
+    _require_fields(op, command, required, optional)
+    request_id = command.get("request_id")
+    if request_id is not None and (
+        not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_LEN
+    ):
+        raise InvalidInput(f"{op}: request_id must be a string of 1-{MAX_REQUEST_ID_LEN} chars")
+    if command.get("expected_revision") is not None:
+        _int(op, "expected_revision", command["expected_revision"])
+    _CHECKS[op](command)
+    return command
+
+
+def _check_init(c: Mapping[str, Any]) -> None:
+    cid = c["cluster_id"]
+    if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CLUSTER_ID_LEN:
+        raise InvalidInput(f"cluster_init: cluster_id must be 1-{MAX_CLUSTER_ID_LEN} characters")
+    if c["max_voters"] not in ALLOWED_MAX_VOTERS or isinstance(c["max_voters"], bool):
+        raise InvalidInput(f"cluster_init: max_voters must be 1, 3 or 5, not {c['max_voters']!r}")
+    voters = c["voters"]
+    if not isinstance(voters, list | tuple) or not voters:
+        raise InvalidInput("cluster_init: voters must be a non-empty list of rack names")
+    for v in voters:
+        validate_name("voter rack", v)
+    if len(set(voters)) != len(voters) or len(voters) > c["max_voters"]:
+        raise InvalidInput("cluster_init: voters must be distinct and at most max_voters")
+
+
+def _check_rack(c: Mapping[str, Any]) -> None:
+    Rack.from_dict(_mapping("rack_join", "rack", c["rack"]))
+
+
+def _check_rack_name(c: Mapping[str, Any]) -> None:
+    validate_name("rack", c["rack"])
+
+
+def _check_spec(c: Mapping[str, Any]) -> None:
+    ApplianceSpec.from_dict(_mapping("appliance_set", "spec", c["spec"]))
+
+
+def _check_name(c: Mapping[str, Any]) -> None:
+    validate_name("appliance", c["name"])
+
+
+def _check_assignment(c: Mapping[str, Any]) -> None:
+    Assignment.from_dict(_mapping("assignment_set", "assignment", c["assignment"]))
+    if c["expected_epoch"] is not None:
+        _int("assignment_set", "expected_epoch", c["expected_epoch"])
+
+
+def _check_lease(c: Mapping[str, Any]) -> None:
+    validate_name("rack", c["rack"])
+    _number("lease_renew", "issued_at", c["issued_at"])
+    _number("lease_renew", "received_at", c["received_at"])
+    if c.get("leader"):
+        validate_name("leader rack", c["leader"])
+    if "term" in c:
+        _int("lease_renew", "term", c["term"])
+
+
+def _check_report(c: Mapping[str, Any]) -> None:
+    validate_name("appliance", c["appliance"])
+    validate_name("rack", c["rack"])
+    _int("replica_report", "generation", c["generation"])
+
+
+def _check_append(c: Mapping[str, Any]) -> None:
+    key = c["key"]
+    if name_problem(key) is not None:
+        raise InvalidInput(f"append: key {key!r:.40} must be a valid name")
+    value = c["value"]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidInput("append: value must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_LOG_VALUE_LEN:
+        raise InvalidInput(f"append: value longer than {MAX_LOG_VALUE_LEN} characters")
+    if isinstance(value, int) and abs(value) > MAX_GENERATION:
+        raise InvalidInput("append: integer value out of range")
+
+
+_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "cluster_init": _check_init,
+    "rack_join": _check_rack,
+    "rack_remove": _check_rack_name,
+    "appliance_set": _check_spec,
+    "appliance_remove": _check_name,
+    "assignment_set": _check_assignment,
+    "lease_renew": _check_lease,
+    "replica_report": _check_report,
+    "append": _check_append,
+}
+
+
+# --- transitions ----------------------------------------------------------------
+
+
+def _set(mapping: Mapping[str, Any], key: str, value: Any) -> Mapping[str, Any]:
+    new = dict(mapping)
+    new[key] = value
+    return MappingProxyType(new)
+
+
+def _without(mapping: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    new = dict(mapping)
+    new.pop(key, None)
+    return MappingProxyType(new)
+
+
+def _op_init(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    voters = tuple(sorted(c["voters"]))
+    if s.cluster_id:
+        if s.cluster_id == c["cluster_id"]:
+            return s, {"ok": True, "changed": False}
+        raise Conflict(f"the map already belongs to cluster {s.cluster_id}, not {c['cluster_id']}")
+    new = replace(s, cluster_id=c["cluster_id"], max_voters=c["max_voters"], voters=voters)
+    return new, {"ok": True, "changed": True}
+
+
+def _op_rack_join(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    rack = Rack.from_dict(c["rack"])
+    old = s.racks.get(rack.name)
+    if old == rack:
+        return s, {"ok": True, "changed": False, "voter": rack.name in s.voters}
+    racks = _set(s.racks, rack.name, rack)
+    voters = choose_voters(racks, s.voters, s.max_voters)
+    new = replace(s, racks=racks, voters=voters)
+    return new, {"ok": True, "changed": True, "voter": rack.name in voters}
+
+
+def _op_rack_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    name = c["rack"]
+    if name not in s.racks and name not in s.voters:
+        raise NotFound(f"rack {name} is not a member of the map")
+    racks = _without(s.racks, name)
+    current = tuple(v for v in s.voters if v != name)
+    voters = choose_voters(racks, current, s.max_voters)
+    new = replace(s, racks=racks, voters=voters, leases=_without(s.leases, name))
+    promoted = sorted(set(voters) - set(s.voters))
+    return new, {"ok": True, "changed": True, "promoted": promoted}
+
+
+def _op_appliance_set(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    spec = ApplianceSpec.from_dict(c["spec"])
+    if s.appliances.get(spec.name) == spec:
+        return s, {"ok": True, "changed": False}
+    return replace(s, appliances=_set(s.appliances, spec.name, spec)), {"ok": True, "changed": True}
+
+
+def _op_appliance_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    name = c["name"]
+    if name not in s.appliances:
+        raise NotFound(f"appliance {name} does not exist")
+    new = replace(
+        s,
+        appliances=_without(s.appliances, name),
+        assignments=_without(s.assignments, name),
+        generations=_without(s.generations, name),
+    )
+    return new, {"ok": True, "changed": True}
+
+
+def _op_assignment_set(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    asg = Assignment.from_dict(c["assignment"])
+    if asg.appliance not in s.appliances:
+        raise NotFound(f"appliance {asg.appliance} does not exist: set its spec first")
+    current = s.assignments.get(asg.appliance)
+    expected = c["expected_epoch"]
+    if current is None:
+        if expected is not None:
+            raise Conflict(
+                f"appliance {asg.appliance} has no assignment, but epoch {expected} was expected"
+            )
+    else:
+        if expected != current.epoch:
+            raise Conflict(
+                f"appliance {asg.appliance} is at epoch {current.epoch}, not {expected}:"
+                " re-read the map and decide again"
+            )
+        if asg.epoch < current.epoch:
+            raise Conflict(
+                f"appliance {asg.appliance}: epoch {asg.epoch} is older than {current.epoch}"
+            )
+        if asg.primary != current.primary and asg.epoch == current.epoch:
+            raise Conflict(
+                f"appliance {asg.appliance}: moving the primary from {current.primary} to"
+                f" {asg.primary} needs a new epoch (above {current.epoch})"
+            )
+    if current == asg:
+        return s, {"ok": True, "changed": False, "epoch": asg.epoch}
+    new = replace(s, assignments=_set(s.assignments, asg.appliance, asg))
+    return new, {"ok": True, "changed": True, "epoch": asg.epoch}
+
+
+def _op_lease_renew(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    name = c["rack"]
+    if name not in s.racks:
+        raise NotFound(f"rack {name} has not joined: it cannot hold a lease")
+    lease = Lease(
+        rack=name,
+        issued_at=float(c["issued_at"]),
+        received_at=float(c["received_at"]),
+        leader=c.get("leader") or "",
+        term=c.get("term", 0),
+    )
+    new = replace(s, leases=_set(s.leases, name, lease))
+    return new, {"ok": True, "changed": True, "issued_at": lease.issued_at}
+
+
+def _op_replica_report(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    app, rack, gen = c["appliance"], c["rack"], c["generation"]
+    if app not in s.appliances:
+        raise NotFound(f"appliance {app} does not exist")
+    per_rack = s.generations.get(app, MappingProxyType({}))
+    old = per_rack.get(rack)
+    if old is not None and gen < old:
+        raise Conflict(f"{app} on {rack}: generation {gen} is older than the reported {old}")
+    if old == gen:
+        return s, {"ok": True, "changed": False, "generation": gen}
+    generations = _set(s.generations, app, _set(per_rack, rack, gen))
+    return replace(s, generations=generations), {"ok": True, "changed": True, "generation": gen}
+
+
+def _op_append(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    key, value = c["key"], c["value"]
+    old = s.logs.get(key, ())
+    if len(old) >= MAX_LOG_ENTRIES:
+        raise Conflict(f"list {key} is full ({MAX_LOG_ENTRIES} values)")
+    new = replace(s, logs=_set(s.logs, key, (*old, value)))
+    return new, {"ok": True, "changed": True, "index": len(old)}
+
+
+_OPS: dict[str, Callable[[PlacementState, Mapping[str, Any]], tuple[PlacementState, Result]]] = {
+    "cluster_init": _op_init,
+    "rack_join": _op_rack_join,
+    "rack_remove": _op_rack_remove,
+    "appliance_set": _op_appliance_set,
+    "appliance_remove": _op_appliance_remove,
+    "assignment_set": _op_assignment_set,
+    "lease_renew": _op_lease_renew,
+    "replica_report": _op_replica_report,
+    "append": _op_append,
+}
+
+_ERROR_KINDS: tuple[tuple[type[MeshcloudError], str], ...] = (
+    (InvalidInput, "invalid"),
+    (Conflict, "conflict"),
+    (NotFound, "not_found"),
+)
+
+
+def apply(state: PlacementState, command: object) -> tuple[PlacementState, Result]:
+    """Apply one command; return the new state and a result dict. Never raises.
+
+    The result always has ``ok``; on success also ``revision`` (the map's
+    revision after the command) and op-specific fields; on refusal ``error``
+    and ``message``. ``request_id`` is echoed when the command carried one.
+    """
+    request_id = command.get("request_id") if isinstance(command, Mapping) else None
+    try:
+        cmd = validate_command(command)
+        expected = cmd.get("expected_revision")
+        if expected is not None and expected != state.revision:
+            raise Conflict(
+                f"the map is at revision {state.revision}, not {expected}: re-read and retry"
+            )
+        new, result = _OPS[cmd["op"]](state, cmd)
+    except MeshcloudError as exc:
+        kind = next((k for cls, k in _ERROR_KINDS if isinstance(exc, cls)), "invalid")
+        result = _fail(kind, str(exc))
+        new = state
+    except Exception as exc:  # a bug must not stop the log: refuse the command instead
+        result = _fail("invalid", f"command refused: {type(exc).__name__}: {exc}")
+        new = state
+    if result.get("changed"):
+        new = replace(new, revision=state.revision + 1)
+    if result["ok"]:
+        result["revision"] = new.revision
+    if isinstance(request_id, str):
+        result["request_id"] = request_id
+    return new, result
+
+
+def raise_for_result(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Return ``result`` if it is a success, else raise the matching MeshcloudError."""
+    if result.get("ok"):
+        return result
+    kind = result.get("error")
+    message = str(result.get("message", "the command was refused"))
+    for cls, name in _ERROR_KINDS:
+        if name == kind:
+            raise cls(message)
+    raise InvalidInput(message)
