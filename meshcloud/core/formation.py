@@ -5,7 +5,7 @@ Every rack runs :func:`decide` on what it knows: its own persisted
 of every peer it has admitted (a peer that proved it holds the cluster
 secret). The rules, argued in docs/discovery.md:
 
-* A rack that has ever been formed never founds again (:class:`Member`).
+* A rack that has ever been formed never founds again (:class:`AlreadyFormed`).
 * A rack that sees any formed cluster joins it (:class:`Join`), even if it
   would otherwise be the founder.
 * Otherwise the *view* of a rack is itself plus every rack it has admitted.
@@ -14,15 +14,15 @@ secret). The rules, argued in docs/discovery.md:
   every other rack of the founding set reports, unformed, the very same
   founding set. Everyone else waits (:class:`Wait`) and then joins.
 
-Safety rests on three properties the discovery layer guarantees: views
-only grow while a rack is unformed; an admission puts each side into the
-other's view *before* either side's report is built, so a report always
-lists its recipient; and the switch to "formed" is made in the same step
-as the decision to found, so no report says "unformed" after it.
-Under these, two founding sets that share a rack cannot both be founded
-(proved in docs/discovery.md and checked by property tests), so two
-clusters can only arise from two *disjoint* groups of ``bootstrap_expect``
-racks that do not see each other at bootstrap: a network split.
+Safety rests on three properties the discovery layer guarantees: a view
+only grows while the rack is unformed; a report carries the sender's whole
+view as it was when the report was built; and the switch to "formed" is
+made in the same event-loop step as the decision to found, so no report
+built afterwards says "unformed". Under these, two founding sets that share
+a rack can never both be founded (argued in docs/discovery.md, checked by
+property tests), so two clusters can only arise from two *disjoint* groups
+of ``bootstrap_expect`` racks that do not see each other at bootstrap: a
+network split, or twice ``bootstrap_expect`` racks powered on at once.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class PeerReport:
     """What an admitted peer told us about itself during admission.
 
     ``candidates`` is the peer's view: itself plus every rack it had admitted
-    when it built the report (a report always lists the rack it is sent to).
+    when it built the report.
     """
 
     name: str
