@@ -170,10 +170,14 @@ class Wait:
 
 @dataclass(frozen=True)
 class Found:
-    """This rack founds the cluster now; ``founding_set`` will join it."""
+    """This rack founds cluster ``cluster_uuid`` now; the rest of ``founding_set`` joins it.
+
+    ``cluster_uuid`` is the one the caller minted and passed to :func:`decide`.
+    """
 
     reason: str
     founding_set: tuple[str, ...]
+    cluster_uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -279,12 +283,16 @@ def decide(
     self_status: FormationStatus,
     bootstrap_expect: int,
     peers: Mapping[str, PeerReport],
+    new_cluster_uuid: str | None = None,
 ) -> Decision:
     """Decide what this rack does about cluster formation, with a one-sentence reason.
 
     ``peers`` maps the name of every admitted peer to its latest report.
+    ``new_cluster_uuid`` (minted by the caller) names the cluster if this rack founds it.
     """
     validate_name("rack", self_name)
+    if new_cluster_uuid is not None:
+        validate_cluster_uuid(new_cluster_uuid)
     if not 1 <= bootstrap_expect <= MAX_BOOTSTRAP_EXPECT:
         raise InvalidInput(
             f"bootstrap_expect ({bootstrap_expect}) must be between 1 and {MAX_BOOTSTRAP_EXPECT}"
@@ -357,4 +365,5 @@ def decide(
             " formed cluster; this rack has the lowest name and founds the cluster"
         ),
         founding_set=chosen,
+        cluster_uuid=new_cluster_uuid,
     )

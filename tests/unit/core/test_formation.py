@@ -206,10 +206,16 @@ def test_decide_table(
     assert text in decision.reason
 
 
-def test_found_names_the_founding_set() -> None:
-    decision = decide("a", NOT_FORMED, 2, peers(report("b", "a", "c", expect=2)))
+def test_found_names_the_founding_set_and_the_new_uuid() -> None:
+    decision = decide("a", NOT_FORMED, 2, peers(report("b", "a", "c", expect=2)), U2)
     assert isinstance(decision, Found)
     assert decision.founding_set == ("a", "b")
+    assert decision.cluster_uuid == U2
+
+
+def test_a_bad_new_uuid_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="not a lowercase UUID"):
+        decide("a", NOT_FORMED, 1, {}, "not-a-uuid")
 
 
 def test_join_prefers_the_leaders_own_claim() -> None:
