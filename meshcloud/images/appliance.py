@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshcloud.core.errors import InvalidInput, MeshcloudError
-from meshcloud.hypervisor.qemu_img import convert_argv, run_qemu_img
+from meshcloud.hypervisor.qemu_img import convert_argv, create_overlay_argv, run_qemu_img
 from meshcloud.images.appliance_disk import (
     CounterValue,
     encode_header,
@@ -51,6 +51,7 @@ __all__ = [
     "build_appliance",
     "ensure_appliance",
     "find_appliance",
+    "new_data_disk",
     "read_counter_from_image",
     "read_counter_log",
 ]
@@ -456,6 +457,23 @@ def ensure_appliance(
 ) -> ApplianceImage:
     """The appliance for the current inputs, building it first if needed."""
     return build_appliance(build_dir=build_dir, progress=progress)
+
+
+def new_data_disk(image: ApplianceImage, directory: Path) -> Path:
+    """A fresh data disk for one appliance: ``base.qcow2`` plus ``overlay.qcow2`` on it.
+
+    The base is a private copy of the build's template (the appliance's own
+    base, into which replication later merges frozen overlays); the overlay,
+    with 4 KiB clusters and a relative backing name, is what the VM writes.
+    Returns the overlay's path. Blocking: call it from a thread in async code.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    base, overlay = directory / "base.qcow2", directory / "overlay.qcow2"
+    if base.exists() or overlay.exists():
+        raise BuildError(f"{directory} already holds a data disk: remove it or reuse it")
+    run_qemu_img(convert_argv(image.data_template, base, source_format="qcow2"))
+    run_qemu_img(create_overlay_argv(overlay.absolute(), base.absolute()))
+    return overlay
 
 
 def main(argv: Sequence[str] | None = None) -> int:
