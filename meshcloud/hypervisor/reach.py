@@ -8,8 +8,10 @@ loop, for instance) can use it from the root namespace.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from typing import Any
 
 from meshcloud.core.errors import HypervisorError
 from meshcloud.lab.netns import thread_in_netns
+
+log = logging.getLogger(__name__)
 
 
 def connect_in_netns(netns: str | None, host: str, port: int, timeout_s: float) -> socket.socket:
@@ -78,3 +82,37 @@ def http_get(
         raise OSError(f"bad HTTP reply from {host}:{port}: {exc}") from exc
     finally:
         conn.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        pass
+
+
+async def async_serve_forward(
+    listen_host: str, listen_port: int, netns: str | None, host: str, port: int
+) -> asyncio.Server:
+    """A TCP server on ``listen_host:listen_port`` relaying each connection to ``host:port``
+    inside ``netns`` (the upstream socket is made from a thread in the namespace)."""
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            sock = await asyncio.to_thread(connect_in_netns, netns, host, port, 5.0)
+        except OSError as exc:
+            log.info("forward to %s:%d in %s failed: %s", host, port, netns, exc)
+            client_w.close()
+            return
+        up_r, up_w = await asyncio.open_connection(sock=sock)
+        try:
+            await asyncio.gather(_pipe(client_r, up_w), _pipe(up_r, client_w))
+        finally:
+            for w in (up_w, client_w):
+                w.close()
+
+    return await asyncio.start_server(relay, listen_host, listen_port)

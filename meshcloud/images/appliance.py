@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "build":
             image = build_appliance(build_dir=args.out, force=args.force, progress=print)
-            print(json.dumps(image.to_dict(), indent=2))
+            print(f"appliance: ready: {image.kernel.parent}")
         else:
             value = read_counter_from_image(args.image)
             print(json.dumps({"seq": value.seq, "timestamp": value.timestamp}))
