@@ -73,8 +73,10 @@ def _register_subcommands() -> None:
     """Attach command groups that live next to the code they drive."""
     from meshcloud.cli_api import COMMANDS
     from meshcloud.demo import demo
+    from meshcloud.lab.cli import lab
 
     main.add_command(demo)
+    main.add_command(lab)
     for command in COMMANDS:
         main.add_command(command)
 

@@ -192,3 +192,20 @@ def enter_netns_for_thread(name: str) -> None:
         _setns(fd)
     finally:
         os.close(fd)
+
+
+def add_veth_between(a: str, a_netns: str, b: str, b_netns: str) -> None:
+    """Create a veth pair with end ``a`` born in ``a_netns`` and ``b`` in ``b_netns``.
+
+    Neither end ever exists in the root namespace, so names only need to be
+    unique inside their own namespace (every rack can call its end ``mesh0``).
+    """
+    run(["ip", "link", "add", check_ifname(a), "netns", check_netns(a_netns), "type", "veth",
+         "peer", "name", check_ifname(b), "netns", check_netns(b_netns)])  # fmt: skip
+
+
+def tc(*args: str, netns: str | None = None) -> list[str]:
+    """A ``tc`` command, optionally inside a namespace (``tc -n NS ...``)."""
+    if netns is None:
+        return ["tc", *args]
+    return ["tc", "-n", check_netns(netns), *args]
