@@ -80,6 +80,11 @@ def _register_subcommands() -> None:
     for command in COMMANDS:
         main.add_command(command)
 
+    from meshcloud.images.cli import COMMANDS as IMAGE_COMMANDS
+
+    for command in IMAGE_COMMANDS:
+        main.add_command(command)
+
 
 _register_subcommands()
 
