@@ -1,0 +1,125 @@
+"""The one executor of replication's rsync and ssh command lines.
+
+Each process runs in its own session (so a cancel kills rsync and the ssh
+it started), with a timeout, never through a shell. ``on_output`` receives
+stdout as it arrives (rsync's progress for seeding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from meshcloud.core.errors import ReplicationError
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed_s: float
+
+
+class ProcessRunner:
+    """Runs argv lists; :meth:`cancel_all` kills whatever is running (fencing)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input_bytes: bytes | None = None,
+        timeout_s: float = 3600.0,
+        on_output: Callable[[str], None] | None = None,
+    ) -> ProcessResult:
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise ReplicationError(f"{argv[0]} is not installed: run `make bootstrap`") from exc
+        with self._lock:
+            self._running.add(proc)
+        out_chunks: list[bytes] = []
+        err_chunks: list[bytes] = []
+
+        def pump_err() -> None:
+            assert proc.stderr is not None
+            while chunk := proc.stderr.read(65536):
+                err_chunks.append(chunk)
+
+        def pump_out() -> None:
+            assert proc.stdout is not None
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                out_chunks.append(chunk)
+                if on_output is not None:
+                    on_output(chunk.decode("utf-8", "replace"))
+
+        threads = [threading.Thread(target=pump_err, daemon=True)]
+        threads.append(threading.Thread(target=pump_out, daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            if input_bytes is not None:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(input_bytes)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._kill(proc)
+                proc.wait()
+                raise ReplicationError(
+                    f"{argv[0]} took longer than {timeout_s} s and was stopped; it will be retried"
+                ) from None
+        finally:
+            for t in threads:
+                t.join(timeout=10)
+            with self._lock:
+                self._running.discard(proc)
+            if proc.poll() is None:
+                self._kill(proc)
+                proc.wait()
+        return ProcessResult(
+            tuple(argv),
+            proc.returncode,
+            b"".join(out_chunks).decode("utf-8", "replace"),
+            b"".join(err_chunks).decode("utf-8", "replace"),
+            time.monotonic() - start,
+        )
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def cancel_all(self) -> int:
+        """Kill every running process (and its session); return how many."""
+        with self._lock:
+            procs = list(self._running)
+        for proc in procs:
+            self._kill(proc)
+        return len(procs)
+
+    def running_pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._running]

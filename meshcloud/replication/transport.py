@@ -1,0 +1,376 @@
+"""rsync-over-SSH command lines and parsers for replication (pure: no I/O).
+
+Why a thin builder of our own rather than a wrapper library: sysrsync
+(the most used one on PyPI) builds ``--rsh`` from a fixed set of ssh options
+(key, port, StrictHostKeyChecking), checks local paths on disk while
+building, runs rsync without capturing output or a timeout, and parses
+nothing; rsyncwrap hard-codes ``-a --progress`` and has no ssh at all. We
+need pinned known_hosts, BatchMode, no agent or forwarding, a connection
+master, ``--partial-dir``, the transferred file's checksum (``%C``), the
+``--stats`` byte counts, progress for seeding and killable processes. See
+docs/replication.md.
+
+The receiving side is restricted by a forced command in authorized_keys
+(:func:`authorized_keys_line`): rsync requests are handed to ``rrsync``
+confined to the incoming directory; the few replication verbs (status,
+commit, fence, ...) go to :mod:`meshcloud.replication.serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from meshcloud.core.errors import InvalidInput
+from meshcloud.core.names import validate_name
+
+SSH = "ssh"
+RSYNC = "rsync"
+PARTIAL_DIR = ".rsync-partial"
+OUT_FORMAT = "mcfile|%n|%l|%C"
+CHECKSUM_CHOICE = "sha1"
+_SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]+$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:-]+$")
+
+
+def _safe_path(kind: str, path: Path | str) -> str:
+    """A local path we hand to ssh or rsync: absolute, plain characters only.
+
+    rsync splits its ``-e`` string on whitespace itself, so a path with a
+    space or a quote would be mangled; we refuse it instead.
+    """
+    text = os.fspath(path)
+    if not text.startswith("/") or not _SAFE_PATH_RE.match(text) or "/../" in f"{text}/":
+        raise InvalidInput(
+            f"{kind} path {text!r} must be absolute and use only letters, digits and ._/@+-"
+        )
+    return text
+
+
+def _remote_rel(path: str) -> str:
+    """A path relative to the receiver's restricted directory."""
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts or not _SAFE_PATH_RE.match(path) or path.startswith("-"):
+        raise InvalidInput(f"remote path {path!r} must be relative, plain and without '..'")
+    return path
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How to reach one rack's replication endpoint over SSH.
+
+    ``identity_file`` is the cluster's replication key (from the kit);
+    ``known_hosts_file`` pins the racks' host keys (no trust on first use);
+    ``control_dir`` holds connection-master sockets so that a cycle does
+    not pay a new handshake per command.
+    """
+
+    host: str
+    identity_file: Path
+    known_hosts_file: Path
+    port: int = 22
+    rsync_identity_file: Path | None = None
+    user: str = "root"
+    control_dir: Path | None = None
+    connect_timeout_s: int = 10
+    alive_interval_s: int = 5
+    alive_count: int = 3
+    control_persist_s: int = 60
+
+    def __post_init__(self) -> None:
+        if not _HOST_RE.match(self.host) or self.host.startswith("-"):
+            raise InvalidInput(f"ssh host {self.host!r} must be an address or a plain name")
+        if not 0 < self.port < 65536:
+            raise InvalidInput(f"ssh port {self.port} must be 1-65535")
+        if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", self.user):
+            raise InvalidInput(f"ssh user {self.user!r} is not a valid user name")
+        _safe_path("identity file", self.identity_file)
+        if self.rsync_identity_file is not None:
+            _safe_path("rsync identity file", self.rsync_identity_file)
+        _safe_path("known_hosts file", self.known_hosts_file)
+        if self.control_dir is not None:
+            _safe_path("control directory", self.control_dir)
+        for key in ("connect_timeout_s", "alive_interval_s", "alive_count", "control_persist_s"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"ssh {key} must be a non-negative integer")
+
+    @property
+    def destination(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}"
+
+
+def ssh_options(target: SshTarget, *, for_rsync: bool = False) -> list[str]:
+    """ssh's options: the cluster key only, pinned host keys, nothing forwarded, no prompts.
+
+    With a separate rsync key (``rsync_identity_file``), rsync connects with
+    it, so the receiver's authorized_keys can force ``rrsync`` directly for
+    that key; each key gets its own connection master.
+    """
+    key = target.identity_file
+    tag = "v"
+    if for_rsync and target.rsync_identity_file is not None:
+        key, tag = target.rsync_identity_file, "r"
+    opts = [
+        "-i", _safe_path("identity file", key),
+        "-p", str(target.port),
+        "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={_safe_path('known_hosts file', target.known_hosts_file)}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
+        "-o", "LogLevel=ERROR",
+        "-o", f"ConnectTimeout={target.connect_timeout_s}",
+        "-o", f"ServerAliveInterval={target.alive_interval_s}",
+        "-o", f"ServerAliveCountMax={target.alive_count}",
+        "-F", "/dev/null",
+    ]  # fmt: skip
+    if target.control_dir is not None:
+        sock = f"{_safe_path('control directory', target.control_dir)}/{tag}-%C"
+        opts += [
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={sock}",
+            "-o", f"ControlPersist={target.control_persist_s}",
+        ]  # fmt: skip
+    return opts
+
+
+def ssh_argv(target: SshTarget, remote_command: Sequence[str]) -> list[str]:
+    """argv running a replication verb on the receiver (its forced command reads it)."""
+    words = list(remote_command)
+    for word in words:
+        if not re.match(r"^[A-Za-z0-9_.:=,-]+$", word):
+            raise InvalidInput(f"remote command word {word!r} has unsafe characters")
+    return [SSH, *ssh_options(target), target.destination, "--", *words]
+
+
+def rsync_rsh(target: SshTarget) -> str:
+    """The ``-e`` string for rsync (rsync splits it on spaces; every part is checked)."""
+    return " ".join([SSH, *ssh_options(target, for_rsync=True)])
+
+
+@dataclass(frozen=True)
+class RsyncSettings:
+    """Per-link transfer settings: rate limit (KiB/s, 0 = none), compression, timeout."""
+
+    bwlimit_kbps: int = 0
+    compress: bool = True
+    compress_choice: str = "zstd"
+    compress_level: int = 1
+    io_timeout_s: int = 60
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bwlimit_kbps < 0:
+            raise InvalidInput("bwlimit_kbps must not be negative")
+        if self.compress_choice not in ("zstd", "lz4", "zlib", "zlibx"):
+            raise InvalidInput(f"compress_choice {self.compress_choice!r} is not supported")
+        if not -1 <= self.compress_level <= 22:
+            raise InvalidInput("compress_level must be between -1 and 22")
+        if self.io_timeout_s < 0:
+            raise InvalidInput("io_timeout_s must not be negative")
+
+
+def _common_rsync_options(settings: RsyncSettings) -> list[str]:
+    opts = [
+        "--partial",
+        f"--partial-dir={PARTIAL_DIR}",  # resumable; the name appears only when complete
+        f"--checksum-choice={CHECKSUM_CHOICE}",
+        f"--out-format={OUT_FORMAT}",
+        "--stats",
+        "--mkpath",
+        "--perms",
+        "--chmod=F600",
+        "--times",
+        f"--timeout={settings.io_timeout_s}",
+    ]
+    if settings.fsync:
+        opts.append("--fsync")
+    if settings.bwlimit_kbps:
+        opts.append(f"--bwlimit={settings.bwlimit_kbps}")
+    if settings.compress:
+        opts += [
+            "--compress",
+            f"--compress-choice={settings.compress_choice}",
+            f"--compress-level={settings.compress_level}",
+        ]
+    return opts
+
+
+def rsync_push_argv(
+    target: SshTarget,
+    local_file: Path,
+    remote_dir: str,
+    settings: RsyncSettings,
+    *,
+    sparse: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """argv pushing one file into ``remote_dir/`` (relative to the receiver's incoming dir).
+
+    The destination is a directory (the file keeps its name): rrsync pins
+    an existing destination *file* in a way rsync cannot replace.
+
+    Never ``--inplace``: rsync writes a temporary name (resumable through
+    ``--partial-dir``) and renames it only after the whole-file checksum
+    matched; the receiver then checks that checksum again before stacking.
+    """
+    argv = [RSYNC, *_common_rsync_options(settings)]
+    if sparse:
+        argv.append("--sparse")
+    if progress:
+        argv += ["--info=progress2", "--no-inc-recursive"]
+    argv += [
+        "-e",
+        rsync_rsh(target),
+        _safe_path("local file", local_file),
+        f"{target.destination}:{_remote_rel(remote_dir.rstrip('/'))}/",
+    ]
+    return argv
+
+
+def authorized_keys_line(
+    public_key: str, python: Path, volumes_dir: Path, *, from_addresses: Sequence[str] = ()
+) -> str:
+    """The authorized_keys line restricting the cluster's verb key to replication verbs.
+
+    ``restrict`` turns off forwarding, pty and X11; the forced command is
+    :mod:`meshcloud.replication.serve`, which runs only its own verbs (and,
+    for a cluster with a single key, hands rsync requests to ``rrsync``).
+    """
+    command = shlex.join(
+        [
+            _safe_path("python", python),
+            "-m",
+            "meshcloud.replication.serve",
+            _safe_path("volumes", volumes_dir),
+        ]
+    )
+    return _key_line(public_key, command, from_addresses)
+
+
+def rrsync_authorized_keys_line(
+    public_key: str,
+    volumes_dir: Path,
+    *,
+    rrsync: str = "/usr/bin/rrsync",
+    from_addresses: Sequence[str] = (),
+) -> str:
+    """The authorized_keys line of the cluster's rsync key: rrsync, write-only, into incoming."""
+    command = shlex.join(rrsync_argv(volumes_dir / ".incoming", _safe_path("rrsync", rrsync)))
+    return _key_line(public_key, command, from_addresses)
+
+
+def _key_line(public_key: str, command: str, from_addresses: Sequence[str]) -> str:
+    key = public_key.strip()
+    if not re.match(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( \S+)?$", key):
+        raise InvalidInput("public key must be one OpenSSH public key line")
+    options = [f'command="{command}"', "restrict"]
+    if from_addresses:
+        for addr in from_addresses:
+            if not re.match(r"^[0-9A-Fa-f.:/*]+$", addr):
+                raise InvalidInput(f"from address {addr!r} is not an address pattern")
+        options.append(f'from="{",".join(from_addresses)}"')
+    return f"{','.join(options)} {key}"
+
+
+def rrsync_argv(incoming_dir: Path, rrsync: str = "rrsync") -> list[str]:
+    """argv of rrsync confined to the incoming directory, write-only.
+
+    ``-no-lock``: several primaries push to one replica rack at once, each
+    to its own file names; ``-wo``: nobody reads replicas through rsync.
+    """
+    return [rrsync, "-wo", "-no-lock", "-no-del", _safe_path("incoming", incoming_dir)]
+
+
+def keygen_argv(private_key: Path, comment: str = "meshcloud-replication") -> list[str]:
+    """argv creating an ed25519 key pair without a passphrase (the kit's replication key)."""
+    if not re.match(r"^[A-Za-z0-9@._-]+$", comment):
+        raise InvalidInput(f"key comment {comment!r} has unsafe characters")
+    return [
+        "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+        "-f", _safe_path("private key", private_key),
+    ]  # fmt: skip
+
+
+def remote_disk_dir(appliance: str, disk: str) -> str:
+    """Where deltas of ``appliance``/``disk`` land, relative to the incoming directory."""
+    validate_name("appliance", appliance)
+    validate_name("disk", disk)
+    return _remote_rel(f"{appliance}/{disk}")
+
+
+# -- output parsers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RsyncResult:
+    """What one rsync run reported: files transferred with their checksums, byte counts."""
+
+    files: dict[str, tuple[int, str]]  # name -> (size, "sha1:<hex>" or "")
+    bytes_sent: int
+    bytes_received: int
+    literal_bytes: int
+    matched_bytes: int
+    total_file_bytes: int
+
+
+_STAT_PATTERNS = {
+    "bytes_sent": re.compile(r"^Total bytes sent: ([\d,.]+)", re.M),
+    "bytes_received": re.compile(r"^Total bytes received: ([\d,.]+)", re.M),
+    "literal_bytes": re.compile(r"^Literal data: ([\d,.]+)", re.M),
+    "matched_bytes": re.compile(r"^Matched data: ([\d,.]+)", re.M),
+    "total_file_bytes": re.compile(r"^Total file size: ([\d,.]+)", re.M),
+}
+
+
+def _stat_number(text: str) -> int:
+    return int(text.replace(",", "").replace(".", ""))
+
+
+def parse_rsync_output(stdout: str) -> RsyncResult:
+    """Parse the ``--out-format`` lines and ``--stats`` block of one rsync run."""
+    files: dict[str, tuple[int, str]] = {}
+    for line in stdout.splitlines():
+        line = line.strip().replace("\r", "")
+        if not line.startswith("mcfile|"):
+            continue
+        parts = line.split("|")
+        if len(parts) != 4:
+            continue
+        _, name, size, checksum = parts
+        digest = checksum.strip().lower()
+        files[name] = (
+            _stat_number(size),
+            f"sha1:{digest}" if re.match(r"^[0-9a-f]{40}$", digest) else "",
+        )
+    stats = {}
+    for key, pattern in _STAT_PATTERNS.items():
+        match = pattern.search(stdout)
+        stats[key] = _stat_number(match.group(1)) if match else 0
+    return RsyncResult(files=files, **stats)
+
+
+_PROGRESS_RE = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
+
+
+def parse_progress2(chunk: str) -> tuple[int, int] | None:
+    """``(bytes done, percent)`` from the last ``--info=progress2`` update in ``chunk``."""
+    last = None
+    for piece in re.split(r"[\r\n]", chunk):
+        match = _PROGRESS_RE.match(piece)
+        if match:
+            last = (_stat_number(match.group(1)), int(match.group(2)))
+    return last

@@ -1,0 +1,185 @@
+from pathlib import Path
+
+import pytest
+
+from meshcloud.core.errors import InvalidInput
+from meshcloud.replication.transport import (
+    RsyncSettings,
+    SshTarget,
+    authorized_keys_line,
+    parse_progress2,
+    parse_rsync_output,
+    remote_disk_dir,
+    rrsync_argv,
+    rrsync_authorized_keys_line,
+    rsync_push_argv,
+    ssh_argv,
+    ssh_options,
+)
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyFakeKeyFakeKeyFakeKeyFakeKey0 meshcloud-replication"
+
+
+def target(**kw) -> SshTarget:
+    base = dict(
+        host="10.1.0.2",
+        identity_file=Path("/etc/meshcloud/kit/replication_ed25519"),
+        rsync_identity_file=Path("/etc/meshcloud/kit/replication-rsync_ed25519"),
+        known_hosts_file=Path("/etc/meshcloud/kit/known_hosts"),
+        port=2222,
+        control_dir=Path("/run/meshcloud/ssh"),
+    )
+    base.update(kw)
+    return SshTarget(**base)
+
+
+def _opts(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-o")
+
+
+def test_ssh_options_pin_host_keys_and_forward_nothing() -> None:
+    opts = _opts(ssh_options(target()))
+    assert opts["BatchMode"] == "yes"
+    assert opts["StrictHostKeyChecking"] == "yes"
+    assert opts["UserKnownHostsFile"] == "/etc/meshcloud/kit/known_hosts"
+    assert opts["GlobalKnownHostsFile"] == "/dev/null"
+    assert opts["ForwardAgent"] == "no" and opts["IdentityAgent"] == "none"
+    assert opts["ClearAllForwardings"] == "yes" and opts["IdentitiesOnly"] == "yes"
+    assert opts["ControlPath"] == "/run/meshcloud/ssh/v-%C"
+
+
+def test_rsync_uses_its_own_key_and_master() -> None:
+    argv = ssh_options(target(), for_rsync=True)
+    assert argv[argv.index("-i") + 1].endswith("replication-rsync_ed25519")
+    assert _opts(argv)["ControlPath"] == "/run/meshcloud/ssh/r-%C"
+
+
+def test_rsync_push_never_inplace_and_resumable() -> None:
+    argv = rsync_push_argv(
+        target(), Path("/v/app/data/outbox/g000000000003.qcow2"), "app/data",
+        RsyncSettings(bwlimit_kbps=2500, compress=True),
+    )  # fmt: skip
+    assert argv[0] == "rsync"
+    assert "--inplace" not in argv and "--whole-file" not in argv
+    assert "--partial-dir=.rsync-partial" in argv
+    assert "--checksum-choice=sha1" in argv
+    assert "--bwlimit=2500" in argv and "--compress" in argv
+    assert argv[-1] == "root@10.1.0.2:app/data/"
+    assert argv[-2] == "/v/app/data/outbox/g000000000003.qcow2"
+    rsh = argv[argv.index("-e") + 1]
+    assert rsh.startswith("ssh ") and "replication-rsync_ed25519" in rsh
+
+
+def test_rsync_push_without_compression_or_limit() -> None:
+    argv = rsync_push_argv(target(), Path("/v/f"), "a/b", RsyncSettings(compress=False))
+    assert "--compress" not in argv and not any(a.startswith("--bwlimit") for a in argv)
+
+
+def test_seed_push_is_sparse_with_progress() -> None:
+    argv = rsync_push_argv(
+        target(), Path("/v/seed.qcow2"), "a/b", RsyncSettings(), sparse=True, progress=True
+    )
+    assert "--sparse" in argv and "--info=progress2" in argv
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/../b", "-rf", "a b", "a;b"])
+def test_remote_paths_are_checked(bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        rsync_push_argv(target(), Path("/v/f"), bad, RsyncSettings())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"host": "-oProxyCommand=x"},
+        {"host": "a b"},
+        {"identity_file": Path("relative/key")},
+        {"known_hosts_file": Path("/tmp/with space")},
+        {"port": 0},
+        {"user": "Root;"},
+    ],
+)
+def test_bad_targets_are_refused(kw) -> None:
+    with pytest.raises(InvalidInput):
+        target(**kw)
+
+
+def test_ssh_argv_passes_only_plain_words() -> None:
+    argv = ssh_argv(target(), ["meshcloud-replica", "status", "voip"])
+    assert argv[-4:] == ["--", "meshcloud-replica", "status", "voip"]
+    with pytest.raises(InvalidInput):
+        ssh_argv(target(), ["meshcloud-replica", "status", "$(reboot)"])
+
+
+def test_authorized_keys_lines_restrict_the_keys() -> None:
+    line = authorized_keys_line(
+        KEY, Path("/opt/meshcloud/bin/python"), Path("/var/lib/meshcloud/volumes")
+    )
+    assert line.startswith(
+        'command="/opt/meshcloud/bin/python -m meshcloud.replication.serve /var/lib/meshcloud/volumes",restrict '
+    )
+    assert line.endswith(KEY)
+    rr = rrsync_authorized_keys_line(
+        KEY, Path("/var/lib/meshcloud/volumes"), from_addresses=["10.1.0.0/24"]
+    )
+    assert (
+        'command="/usr/bin/rrsync -wo -no-lock -no-del /var/lib/meshcloud/volumes/.incoming"' in rr
+    )
+    assert ",restrict," in rr and 'from="10.1.0.0/24"' in rr
+    with pytest.raises(InvalidInput):
+        authorized_keys_line('ssh-ed25519 AAAA" evil', Path("/p"), Path("/v"))
+
+
+def test_rrsync_is_write_only_without_lock() -> None:
+    assert rrsync_argv(Path("/v/.incoming")) == [
+        "rrsync",
+        "-wo",
+        "-no-lock",
+        "-no-del",
+        "/v/.incoming",
+    ]
+
+
+def test_remote_disk_dir_validates_names() -> None:
+    assert remote_disk_dir("voip", "data") == "voip/data"
+    with pytest.raises(InvalidInput):
+        remote_disk_dir("voip", "../data")
+
+
+RSYNC_OUTPUT = """mcfile|g000000000003.qcow2|52,428,800|1bce332ce1ee500ec346c397c1ffd891736aec78
+
+Number of files: 1 (reg: 1)
+Total file size: 52,428,800 bytes
+Literal data: 52,428,800 bytes
+Matched data: 0 bytes
+Total bytes sent: 52,441,329
+Total bytes received: 35
+
+sent 52,441,329 bytes  received 35 bytes  666,909.33 bytes/sec
+"""
+
+
+def test_parse_rsync_output() -> None:
+    r = parse_rsync_output(RSYNC_OUTPUT)
+    assert r.files == {
+        "g000000000003.qcow2": (52428800, "sha1:1bce332ce1ee500ec346c397c1ffd891736aec78")
+    }
+    assert (r.bytes_sent, r.bytes_received, r.literal_bytes, r.matched_bytes) == (
+        52441329,
+        35,
+        52428800,
+        0,
+    )
+
+
+def test_parse_rsync_output_without_checksum() -> None:
+    r = parse_rsync_output("mcfile|f|10|\n")
+    assert r.files == {"f": (10, "")} and r.bytes_sent == 0
+
+
+def test_parse_progress2_takes_the_last_update() -> None:
+    chunk = (
+        "     1,048,576   2%   10.00MB/s    0:00:04\r    33,554,432  64%   32.00MB/s    0:00:01\r"
+    )
+    assert parse_progress2(chunk) == (33554432, 64)
+    assert parse_progress2("nothing here") is None
