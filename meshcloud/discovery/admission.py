@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HELLO_PATH = "/api/v1/peer/hello"
 MAX_BODY_BYTES = 64 * 1024
+LOG_REPEAT_S = 60.0
 
 
 class AdmissionRefused(MeshcloudError):
@@ -165,6 +166,21 @@ class AdmissionServer:
         self.on_admitted = on_admitted
         self.book = ChallengeBook(ttl_s=challenge_ttl_s, max_entries=max_pending)
         self.clock = clock
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def _log_refusal(self, level: int, remote: str, message: str) -> None:
+        """Log a refusal once per remote and message per LOG_REPEAT_S (a flood stays one line)."""
+        key = (remote, message)
+        now = self.clock()
+        last = self._logged.get(key)
+        if last is not None and now - last[0] < LOG_REPEAT_S:
+            self._logged[key] = (last[0], last[1] + 1)
+            return
+        if len(self._logged) >= 1024:
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        repeats = f" ({last[1]} more like it since)" if last and last[1] else ""
+        log.log(level, "hello from %s refused: %s%s", remote, message, repeats)
 
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp handler of ``POST /api/v1/peer/hello``."""
@@ -176,16 +192,16 @@ class AdmissionServer:
             doc = parse_json_object(body)
             answer = self.answer(doc, remote)
         except BodyTooLarge as exc:
-            log.warning("hello from %s refused: %s", remote, exc)
+            self._log_refusal(logging.WARNING, remote, str(exc))
             return error_response(413, f"hello too large: {exc}")
         except InvalidInput as exc:
-            log.info("hello from %s refused: %s", remote, exc)
+            self._log_refusal(logging.INFO, remote, str(exc))
             return error_response(400, f"malformed hello: {exc}")
         except HelloForbidden as exc:
-            log.warning("hello from %s refused: %s", remote, exc.message)
+            self._log_refusal(logging.WARNING, remote, exc.message)
             return error_response(403, exc.message)
         except HelloNameTaken as exc:
-            log.error("hello from %s refused: %s", remote, exc.message)
+            self._log_refusal(logging.ERROR, remote, exc.message)
             return error_response(409, exc.message)
         return web.json_response(answer)
 
