@@ -280,7 +280,7 @@ class Lab:
         expect = bootstrap_expect if bootstrap_expect is not None else max(1, len(starting))
         if not 1 <= expect <= 64:
             raise LabError(f"bootstrap_expect must be 1..64, not {expect}")
-        with locked(self.root, self.name):
+        with locked(self.root, self.name, create=True):
             if load_state(self.root, self.name) is not None:
                 raise Conflict(
                     f"lab {self.name} is already up: `meshcloud lab down --name {self.name}` first"
@@ -396,7 +396,9 @@ class Lab:
 
     def _power_on(self, state: LabState, rack: RackState) -> None:
         """Network, shaping, then every wanted service (sshd first)."""
-        network.create_rack_netns(self.bridge_netns, rack.netns, rack.port, rack.ip)
+        network.create_rack_netns(
+            self.bridge_netns, rack.netns, rack.port, rack.ip, plan.rack_mac(rack.index)
+        )
         rack.power = "on"
         self._apply_link(state, rack, parse_link_spec(rack.link))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
@@ -733,6 +735,9 @@ class Lab:
         With ``keep_logs``, the racks' logs are copied there first.
         """
         require_root()
+        if not self.dir.is_dir():  # nothing but possible leftovers: no lock to take
+            self._teardown(LabState(self.name, str(self.root), self.bridge_netns, "", [], 1))
+            return
         with locked(self.root, self.name):
             try:
                 state = load_state(self.root, self.name)

@@ -194,13 +194,24 @@ def enter_netns_for_thread(name: str) -> None:
         os.close(fd)
 
 
-def add_veth_between(a: str, a_netns: str, b: str, b_netns: str) -> None:
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def add_veth_between(
+    a: str, a_netns: str, b: str, b_netns: str, *, a_address: str | None = None
+) -> None:
     """Create a veth pair with end ``a`` born in ``a_netns`` and ``b`` in ``b_netns``.
 
     Neither end ever exists in the root namespace, so names only need to be
     unique inside their own namespace (every rack can call its end ``mesh0``).
+    ``a_address`` fixes the MAC address of end ``a`` (lowercase aa:bb:cc:dd:ee:ff).
     """
-    run(["ip", "link", "add", check_ifname(a), "netns", check_netns(a_netns), "type", "veth",
+    argv = ["ip", "link", "add", check_ifname(a)]
+    if a_address is not None:
+        if not _MAC_RE.match(a_address):
+            raise NetnsError(f"MAC address {a_address!r} is invalid")
+        argv += ["address", a_address]
+    run([*argv, "netns", check_netns(a_netns), "type", "veth",
          "peer", "name", check_ifname(b), "netns", check_netns(b_netns)])  # fmt: skip
 
 

@@ -67,14 +67,14 @@ def detect_shaper_backend(ns: str) -> str:
     return "nfqueue"
 
 
-def create_rack_netns(bridge_ns: str, ns: str, port: str, ip: str) -> None:
+def create_rack_netns(bridge_ns: str, ns: str, port: str, ip: str, mac: str) -> None:
     """A rack namespace wired to the lab bridge, with its address and appliance bridge."""
     netns.delete_netns(ns)
     netns.add_netns(ns)
     # IPv6 link-local addresses usable at once (no duplicate address detection).
     _sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
     netns.delete_link(port, bridge_ns)
-    netns.add_veth_between(plan.RACK_IFNAME, ns, port, bridge_ns)
+    netns.add_veth_between(plan.RACK_IFNAME, ns, port, bridge_ns, a_address=mac)
     netns.set_master(port, plan.BRIDGE_IFNAME, netns=bridge_ns)
     netns.set_up(port, netns=bridge_ns)
     netns.add_address(plan.RACK_IFNAME, f"{ip}/{plan.SUBNET.prefixlen}", ns)

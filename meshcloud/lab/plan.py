@@ -73,6 +73,12 @@ def rack_ip(index: int) -> str:
     return str(SUBNET.network_address + index)
 
 
+def rack_mac(index: int) -> str:
+    """A fixed MAC for rack ``index``'s mesh0: it survives restarts, like a real NIC's."""
+    rack_name(index)
+    return f"02:6d:63:00:00:{index:02x}"
+
+
 def bridge_netns(lab: str) -> str:
     """The namespace holding the lab bridge (and the observer address)."""
     return f"{PREFIX}-{lab}-net"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshcloud.core.errors import MeshcloudError
+from meshcloud.core.errors import MeshcloudError, NotFound
 
 STATE_VERSION = 1
 DEFAULT_ROOT = Path("/var/lib/meshcloud-lab")
@@ -128,11 +128,23 @@ def list_labs(root: Path) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/state.json"))
 
 
+class LabNotUp(NotFound):
+    """The lab has no directory: it is not up."""
+
+
 @contextlib.contextmanager
-def locked(root: Path, name: str) -> Iterator[None]:
-    """Hold the lab's lock: one operation at a time per lab, across processes."""
+def locked(root: Path, name: str, *, create: bool = False) -> Iterator[None]:
+    """Hold the lab's lock: one operation at a time per lab, across processes.
+
+    Raises LabNotUp when the lab's directory does not exist, unless ``create``.
+    """
     directory = lab_dir(root, name)
-    directory.mkdir(parents=True, exist_ok=True)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.is_dir():
+        raise LabNotUp(
+            f"lab {name} is not up (no {directory}): start it with `meshcloud lab up --name {name}`"
+        )
     fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
