@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -24,13 +25,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from meshcloud.core.errors import Conflict, HypervisorError, MeshcloudError
 from meshcloud.core.models import ApplianceSpec, DiskSpec, PortSpec
+
+if TYPE_CHECKING:
+    from meshcloud.hypervisor.domain_xml import HostDetails
+
+T = TypeVar("T")
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshcloud-demo")
 DEFAULT_PORT = 8480
@@ -181,6 +189,51 @@ def _http_json(url_host: str, port: int, path: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn(*args)`` in a new (spawned) process and return its result.
+
+    libvirt lets a process open only one embedded root, ever; each rack's
+    hypervisor work therefore runs in a process of its own.
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(fn, *args).result()
+
+
+def rack_start_appliance(root: str, ns: str, spec: ApplianceSpec, host: HostDetails) -> None:
+    """Define and start ``spec`` on the rack whose libvirt root is ``root`` (own process)."""
+    from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor, embed_uri
+
+    async def run() -> None:
+        hv = LibvirtHypervisor(embed_uri(Path(root)), netns=ns, label=ns)
+        await hv.async_open()
+        try:
+            await hv.async_define(spec, host)
+            await hv.async_start(spec.name)
+        finally:
+            await hv.async_close()  # QEMU keeps running; `demo down` reopens the root
+
+    asyncio.run(run())
+
+
+def rack_remove_appliances(root: str, ns: str) -> list[str]:
+    """Destroy and undefine every appliance of one rack (own process); their names."""
+    from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor, embed_uri
+
+    async def run() -> list[str]:
+        hv = LibvirtHypervisor(embed_uri(Path(root)), netns=ns, label=ns)
+        await hv.async_open()
+        try:
+            names = sorted(await hv.async_list())
+            for name in names:
+                await hv.async_destroy(name)
+                await hv.async_undefine(name)
+            return names
+        finally:
+            await hv.async_close()
+
+    return asyncio.run(run())
+
+
 def check_demo_up(state_dir: Path, port: int) -> None:
     """Phase one of ``demo up``: refuse to start, with no side effects, if it cannot work."""
     if os.geteuid() != 0:
@@ -207,7 +260,7 @@ async def async_demo_up(state_dir: Path, port: int, progress: Progress) -> DemoS
         tap_name,
     )
     from meshcloud.hypervisor.kvm import choose_accel
-    from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor, embed_uri
+    from meshcloud.hypervisor.libvirt_hv import embed_uri
     from meshcloud.images.appliance import ensure_appliance, new_data_disk
 
     check_demo_up(state_dir, port)
@@ -228,6 +281,7 @@ async def async_demo_up(state_dir: Path, port: int, progress: Progress) -> DemoS
         new_data_disk, image, rack_dir / "volumes" / APPLIANCE.name / "data"
     )
     root = rack_dir / "libvirt"
+    embed_uri(root.absolute())  # checks the root is short enough for QEMU's sockets
     state.libvirt_roots[ns] = str(root)
     state.save()
     host = HostDetails(
@@ -238,16 +292,12 @@ async def async_demo_up(state_dir: Path, port: int, progress: Progress) -> DemoS
         accel=accel,
         console_log=(rack_dir / f"{APPLIANCE.name}.console.log").absolute(),
     )
-    hv = LibvirtHypervisor(embed_uri(root.absolute()), netns=ns, label=f"demo-{RACK}")
-    await hv.async_open()
-    try:
-        progress(f"demo: starting appliance {APPLIANCE.name} ({APPLIANCE.ip}) on {RACK}")
-        state.appliances[APPLIANCE.name] = ns
-        state.save()
-        await hv.async_define(APPLIANCE, host)
-        await hv.async_start(APPLIANCE.name)
-    finally:
-        await hv.async_close()  # QEMU keeps running; `demo down` reopens the root
+    progress(f"demo: starting appliance {APPLIANCE.name} ({APPLIANCE.ip}) on {RACK}")
+    state.appliances[APPLIANCE.name] = ns
+    state.save()
+    await asyncio.to_thread(
+        in_fresh_process, rack_start_appliance, str(root.absolute()), ns, APPLIANCE, host
+    )
 
     progress(f"demo: forwarding 127.0.0.1:{port} to {APPLIANCE.ip}:80 inside {ns}")
     await asyncio.to_thread(start_forwarder, state, port, ns, f"{APPLIANCE.ip}:80")
@@ -265,7 +315,6 @@ async def async_demo_up(state_dir: Path, port: int, progress: Progress) -> DemoS
 
 async def async_demo_down(state_dir: Path, progress: Progress) -> bool:
     """Undo what ``demo up`` recorded; False if there was nothing to undo."""
-    from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor, embed_uri
     from meshcloud.lab import netns
 
     state = DemoState.load(state_dir)
@@ -280,15 +329,9 @@ async def async_demo_down(state_dir: Path, progress: Progress) -> bool:
     for ns, root in state.libvirt_roots.items():
         if not Path(root).exists() or not netns.netns_exists(ns):
             continue
-        hv = LibvirtHypervisor(embed_uri(Path(root)), netns=ns, label="demo-down")
-        await hv.async_open()
-        try:
-            for name in await hv.async_list():
-                progress(f"demo: destroying appliance {name}")
-                await hv.async_destroy(name)
-                await hv.async_undefine(name)
-        finally:
-            await hv.async_close()
+        gone = await asyncio.to_thread(in_fresh_process, rack_remove_appliances, root, ns)
+        for name in gone:
+            progress(f"demo: destroyed appliance {name} ({ns})")
     for ns in state.netns:
         progress(f"demo: removing namespace {ns}")
         _empty_and_delete_netns(ns)
@@ -331,6 +374,10 @@ def demo() -> None:
               show_default=True, help="where the demo keeps its disks and state")  # fmt: skip
 def demo_up(port: int, state_dir: Path) -> None:
     """Start the demo (one rack, one appliance) in the background."""
+    if DemoState.load(state_dir) is not None:
+        click.echo("meshcloud demo is already up (`make demo-down` stops it).")
+        _print_status(state_dir)
+        return
     check_demo_up(state_dir, port)
     try:
         state = asyncio.run(async_demo_up(state_dir, port, _echo))
@@ -369,6 +416,10 @@ def demo_down(state_dir: Path) -> None:
               show_default=True)  # fmt: skip
 def demo_status(state_dir: Path) -> None:
     """Say whether the demo is up and where to reach it."""
+    _print_status(state_dir)
+
+
+def _print_status(state_dir: Path) -> None:
     state = DemoState.load(state_dir)
     if state is None:
         click.echo("meshcloud demo is not running.")

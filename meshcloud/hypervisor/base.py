@@ -8,8 +8,8 @@ Contract of :class:`Hypervisor` (the libvirt one is the real implementation):
 - **Async, never blocking the loop.** Every ``async_`` method must be awaited
   on the event loop; blocking work runs on the implementation's own thread.
   Operations on one hypervisor are executed one at a time, in call order.
-- **Idempotent where it is safe.** ``define`` replaces the definition of a
-  stopped appliance; ``start`` of a running, ``pause`` of a paused, ``resume``
+- **Idempotent where it is safe.** ``define`` replaces the definition (for
+  a running appliance, from its next boot on); ``start`` of a running, ``pause`` of a paused, ``resume``
   of a running, ``destroy`` / ``stop`` of a stopped appliance, and
   ``undefine`` of an unknown one succeed without doing anything. ``start``
   of a paused appliance raises Conflict: resume it (or destroy it) instead.
@@ -144,7 +144,7 @@ class Hypervisor(ABC):
     # appliances
     @abstractmethod
     async def async_define(self, spec: ApplianceSpec, host: HostDetails) -> None:
-        """Define (or redefine, when stopped) the appliance; does not start it."""
+        """Define (or redefine) the appliance; does not start it."""
 
     @abstractmethod
     async def async_start(self, appliance: str) -> None:

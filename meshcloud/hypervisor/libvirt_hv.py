@@ -2,8 +2,9 @@
 
 - ``qemu:///embed?root=DIR`` (lab, demo, tests): libvirt's QEMU driver runs
   inside this process, with its state under DIR; no daemon. Only one process
-  at a time may open a given root; QEMU keeps running if this process dies,
-  and the next opener of the root adopts it.
+  at a time may open a given root, and a process can open only one root
+  (several connections to it are fine); QEMU keeps running if this process
+  dies, and the next opener of the root adopts it.
 - ``qemu:///system`` (real racks): the system libvirtd.
 
 Every blocking libvirt call runs on ONE executor thread per hypervisor, so
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SYSTEM_URI = "qemu:///system"
+MAX_EMBED_ROOT_LEN = 48
 _EMBED_ROOT_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 EMBED_QEMU_CONF = """\
 # Written by meshcloud for libvirt's embedded QEMU driver (see docs/hypervisor.md).
@@ -115,11 +117,18 @@ def map_event(event: int, detail: int) -> tuple[EventKind, str]:
 
 
 def embed_uri(root: Path) -> str:
-    """The URI of an embedded QEMU driver rooted at ``root`` (absolute, plain characters)."""
+    """The URI of an embedded QEMU driver rooted at ``root`` (absolute, plain characters, short)."""
     text = str(root)
     if not _EMBED_ROOT_RE.fullmatch(text) or "/../" in text + "/":
         raise InvalidInput(
             f"embedded libvirt root {text!r} must be an absolute path of letters, digits, '_./-'"
+        )
+    if len(text) > MAX_EMBED_ROOT_LEN:
+        # QEMU's monitor socket lives at ROOT/lib/qemu/domain-<id>-<name>/monitor.sock,
+        # and a UNIX socket path has at most 107 characters.
+        raise InvalidInput(
+            f"embedded libvirt root {text!r} is {len(text)} characters long; at most"
+            f" {MAX_EMBED_ROOT_LEN} fit in QEMU's socket paths: use a shorter directory"
         )
     return f"qemu:///embed?root={text}"
 
@@ -263,11 +272,12 @@ class LibvirtHypervisor(Hypervisor):
         try:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
-            hint = (
-                "is another process using this embedded root? only one may open it"
-                if root is not None
-                else "is libvirtd running?"
-            )
+            if root is None:
+                hint = "is libvirtd running?"
+            elif "already open with path" in str(exc):
+                hint = "a process can open only one embedded root: run each rack in its own process"
+            else:
+                hint = "is another process using this embedded root? only one may open it"
             raise HypervisorError(f"cannot open {self.uri}: {exc} ({hint})") from exc
         self._conn = conn
         self._callback_id = conn.domainEventRegisterAny(

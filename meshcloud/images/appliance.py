@@ -62,6 +62,7 @@ SOURCE_DIR = REPO_ROOT / "rack-images" / "appliances" / "demo"
 BUILD_DIR = REPO_ROOT / "rack-images" / "appliances" / "build"
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
 DATA_TEMPLATE_BYTES = 1 << 30
+KEEP_BUILDS = 3  # older build directories are removed
 CFLAGS = ("-O2", "-static", "-s", "-pthread", "-Wall", "-Wextra", "-Werror")
 FIXED_MTIME = 0
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -430,7 +431,17 @@ def build_appliance(
     image = _image_in(target, manifest)
     _write_current(build_dir, image)
     progress(f"appliance: built {target}")
+    for old in _stale_builds(build_dir, keep=KEEP_BUILDS):
+        progress(f"appliance: removing old build {old.name}")
+        shutil.rmtree(old, ignore_errors=True)
     return image
+
+
+def _stale_builds(build_dir: Path, keep: int) -> list[Path]:
+    """Build directories beyond the ``keep`` newest (older domains may still name those)."""
+    builds = [p for p in build_dir.iterdir() if p.is_dir() and (p / "manifest.json").exists()]
+    builds.sort(key=lambda p: (p / "manifest.json").stat().st_mtime, reverse=True)
+    return builds[keep:]
 
 
 def _write_current(build_dir: Path, image: ApplianceImage) -> None:

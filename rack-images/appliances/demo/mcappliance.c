@@ -358,7 +358,11 @@ static void handle(int fd) {
     pthread_mutex_unlock(&lock);
     uint64_t up = now_ns(CLOCK_BOOTTIME) / 1000000ULL;
     char body[2048];
-    if (strcmp(path, "/counter") == 0) {
+    if (strcmp(path, "/counter") == 0 && first == 0) {
+        /* The disk is not read yet: there is no durable value to report. */
+        snprintf(body, sizeof body, "{\"name\": \"%s\", \"error\": \"%s\"}\n", name, status);
+        respond(fd, 503, "Service Unavailable", "application/json", body);
+    } else if (strcmp(path, "/counter") == 0) {
         snprintf(body, sizeof body,
                  "{\"name\": \"%s\", \"seq\": %llu, \"timestamp\": %llu.%09llu}\n", name,
                  (unsigned long long)seq, (unsigned long long)(t / 1000000000ULL),

@@ -64,6 +64,12 @@ def test_embed_roots_with_odd_characters_are_refused(root: str) -> None:
         embed_uri(Path(root))
 
 
+def test_embed_roots_too_long_for_qemu_sockets_are_refused() -> None:
+    embed_uri(Path("/" + "a" * 47))
+    with pytest.raises(InvalidInput, match="shorter"):
+        embed_uri(Path("/tmp/pytest-of-root/pytest-22/test_demo_appliance_lifecycle_0/libvirt"))
+
+
 def test_embed_uri_with_two_roots_is_refused() -> None:
     with pytest.raises(InvalidInput):
         embed_root("qemu:///embed?root=/a&root=/b")
