@@ -53,7 +53,8 @@ class AdmittedPeer:
 
     ``observed_address`` is the address we reached it at (or that its request
     came from); ``report.address`` is the one it says it binds to.
-    ``via`` is "mdns", "static" or "inbound".
+    ``via`` is how we first reached it: "mdns", "static", "gossip" (a peer knew it) or
+    "inbound" (it knocked at us).
     """
 
     report: RackReport

@@ -158,7 +158,11 @@ def parse_txt(props: Mapping[Any, Any]) -> Announcement:
 
 @dataclass(frozen=True)
 class RackReport:
-    """What a rack says about itself during admission; authenticated by the proof's MAC."""
+    """What a rack says about itself during admission; authenticated by the proof's MAC.
+
+    ``known`` lists where the racks it has admitted can be reached, so that
+    one static peer (or one mDNS answer) is enough to find all the others.
+    """
 
     name: str
     site: str
@@ -169,6 +173,7 @@ class RackReport:
     bootstrap_expect: int
     status: FormationStatus = NOT_FORMED
     candidates: frozenset[str] = frozenset()
+    known: tuple[Member, ...] = ()
 
     def __post_init__(self) -> None:
         validate_name("rack", self.name)
@@ -178,6 +183,10 @@ class RackReport:
         validate_port(f"rack {self.name}: raft_port", self.raft_port)
         validate_version(self.version)
         self.formation_report()  # validates bootstrap_expect, status and candidates
+        if not isinstance(self.known, tuple) or not all(isinstance(m, Member) for m in self.known):
+            raise InvalidInput(f"rack {self.name}: known must be a tuple of Member")
+        if len(self.known) > MAX_MEMBERS:
+            raise InvalidInput(f"rack {self.name}: at most {MAX_MEMBERS} known racks")
 
     def formation_report(self) -> PeerReport:
         """The part cluster formation decides on."""
@@ -200,17 +209,14 @@ class RackReport:
             "formed": self.status.formed,
             "cluster_uuid": self.status.cluster_uuid,
             "leader": self.status.leader,
-            "members": [
-                {
-                    "name": m.name,
-                    "address": m.address,
-                    "raft_port": m.raft_port,
-                    "api_port": m.api_port,
-                }
-                for m in self.status.members
-            ],
+            "members": [_member_dict(m) for m in self.status.members],
             "candidates": sorted(self.candidates),
+            "known": [_member_dict(m) for m in self.known],
         }
+
+
+def _member_dict(m: Member) -> dict[str, Any]:
+    return {"name": m.name, "address": m.address, "raft_port": m.raft_port, "api_port": m.api_port}
 
 
 REPORT_KEYS = frozenset(
@@ -227,6 +233,7 @@ REPORT_KEYS = frozenset(
         "leader",
         "members",
         "candidates",
+        "known",
     }
 )
 MEMBER_KEYS = frozenset({"name", "address", "raft_port", "api_port"})
@@ -253,23 +260,21 @@ def _object(what: str, data: object, keys: frozenset[str]) -> dict[str, Any]:
     return data
 
 
+def _members(key: str, raw: object) -> list[Member]:
+    if not isinstance(raw, list) or len(raw) > MAX_MEMBERS:
+        raise InvalidInput(f"report: {key} must be a list of at most {MAX_MEMBERS}")
+    out = []
+    for item in raw:
+        m = _object(f"report {key} entry", item, MEMBER_KEYS)
+        out.append(Member(m["name"], m["address"], m["raft_port"], m["api_port"]))
+    return out
+
+
 def report_from_dict(data: object) -> RackReport:
     """Validate a decoded report; raises InvalidInput naming the broken field."""
     doc = _object("report", data, REPORT_KEYS)
-    members_raw = doc["members"]
-    if not isinstance(members_raw, list) or len(members_raw) > MAX_MEMBERS:
-        raise InvalidInput(f"report: members must be a list of at most {MAX_MEMBERS}")
-    members = []
-    for item in members_raw:
-        m = _object("report member", item, MEMBER_KEYS)
-        members.append(
-            Member(
-                name=m["name"],
-                address=m["address"],
-                raft_port=m["raft_port"],
-                api_port=m["api_port"],
-            )
-        )
+    members = _members("members", doc["members"])
+    known = _members("known", doc["known"])
     candidates_raw = doc["candidates"]
     if not isinstance(candidates_raw, list) or len(candidates_raw) > MAX_CANDIDATES:
         raise InvalidInput(f"report: candidates must be a list of at most {MAX_CANDIDATES}")
@@ -295,6 +300,7 @@ def report_from_dict(data: object) -> RackReport:
         ),
         status=status,
         candidates=frozenset(candidates_raw),
+        known=tuple(known),
     )
 
 

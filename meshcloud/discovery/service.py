@@ -27,6 +27,7 @@ from aiohttp import web
 from meshcloud import __version__
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.formation import (
+    MAX_MEMBERS,
     NOT_FORMED,
     Decision,
     FormationStatus,
@@ -221,6 +222,10 @@ class Discovery:
             bootstrap_expect=self.bootstrap_expect,
             status=self._status,
             candidates=frozenset({self.rack.name, *self._peers}),
+            known=tuple(
+                Member(p.name, p.address, p.raft_port, p.api_port)
+                for _, p in sorted(self._peers.items())
+            )[:MAX_MEMBERS],
         )
 
     def announcement(self) -> Announcement:
@@ -401,6 +406,12 @@ class Discovery:
         self._record(peer)
         self._add_target(peer.address, peer.api_port, "inbound", peer.name)
 
+    def _learn_known(self, peer: AdmittedPeer) -> None:
+        """Knock at the racks an admitted peer knows (gossip: one address finds them all)."""
+        for member in (*peer.report.known, *peer.report.status.members):
+            if member.name != self.rack.name and member.name not in self._peers:
+                self._add_target(member.address, member.api_port, "gossip", member.name)
+
     def _record(self, peer: AdmittedPeer) -> None:
         if peer.name == self.rack.name:
             return
@@ -413,6 +424,7 @@ class Discovery:
                 old.report.address,
             )
         self._peers[peer.name] = peer
+        self._learn_known(peer)
         if old is None:
             log.info(
                 "admitted rack %s (site %s) at %s:%d via %s",
@@ -454,7 +466,11 @@ class Discovery:
                     level = logging.WARNING if isinstance(exc, AdmissionRefused) else logging.INFO
                     log.log(level, "admission of %s failed: %s", where, problem)
                     target.last_problem = problem
-                if target.admitted_name is None and target.via == "mdns" and target.failures > 30:
+                if (
+                    target.admitted_name is None
+                    and target.via in ("mdns", "gossip")
+                    and target.failures > 30
+                ):
                     log.info("giving up on %s (never admitted; mDNS hint only)", where)
                     del self._targets[(target.address, target.api_port)]
                     return

@@ -10,19 +10,22 @@ links go with them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshcloud.lab import netns
 
 SUBNET = "10.77.0"
+SECRET = "a0f3c9e1b7d24f6a8c5e0b3d9f1a7c2e"  # a test-only cluster secret
 
 
 def can_run() -> str | None:
@@ -105,3 +108,69 @@ def build_mesh(prefix: str, count: int) -> Mesh:
         mesh.teardown()
         raise
     return mesh
+
+
+# --- running standalone discovery nodes (python -m meshcloud.discovery) -------------
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` (a safety bound, not a synchronisation sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def write_config(
+    tmp: Path,
+    name: str,
+    rack: RackNs,
+    secret: str,
+    peers: list[str] | None = None,
+    mdns: bool = True,
+) -> Path:
+    (tmp / f"{name}.secret").write_text(secret)
+    config = {
+        "rack": {"name": name, "site": "north"},
+        "cluster": {
+            "secret_file": str(tmp / f"{name}.secret"),
+            "bootstrap_expect": 3,
+            "peers": peers or [],
+            "mdns": mdns,
+        },
+        "network": {"bind_address": rack.address, "api_port": 8440, "raft_port": 7440},
+        "state_dir": str(tmp / name),
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def start_node(mesh: Mesh, tmp: Path, name: str, rack: RackNs, config: Path) -> tuple[Path, Path]:
+    out, err = tmp / f"{name}.events", tmp / f"{name}.log"
+    mesh.spawn(
+        rack,
+        mesh.python("-m", "meshcloud.discovery", "--config", str(config), "--simulate-formation"),
+        out,
+        err,
+    )
+    return out, err
+
+
+def admitted(path: Path) -> set[str]:
+    return {e["peer"] for e in events(path) if e["event"] in ("admitted", "updated")}
+
+
+def formed(path: Path) -> list[dict[str, Any]]:
+    return [e for e in events(path) if e["event"] == "formed"]

@@ -8,85 +8,27 @@ and crash nobody.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from discovery_mesh import Mesh, RackNs
+from discovery_mesh import (
+    SECRET,
+    Mesh,
+    admitted,
+    events,
+    formed,
+    start_node,
+    wait_for,
+    write_config,
+)
 
 from meshcloud.discovery.proof import ClusterKeys
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-SECRET = "a0f3c9e1b7d24f6a8c5e0b3d9f1a7c2e"
 WRONG_SECRET = "f9e8d7c6b5a4938271605f4e3d2c1b0a"
 HOSTILE = Path(__file__).with_name("hostile_announcer.py")
-
-
-def events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` (a safety bound, not a synchronisation sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def write_config(
-    tmp: Path,
-    name: str,
-    rack: RackNs,
-    secret: str,
-    peers: list[str] | None = None,
-    mdns: bool = True,
-) -> Path:
-    (tmp / f"{name}.secret").write_text(secret)
-    config = {
-        "rack": {"name": name, "site": "north"},
-        "cluster": {
-            "secret_file": str(tmp / f"{name}.secret"),
-            "bootstrap_expect": 3,
-            "peers": peers or [],
-            "mdns": mdns,
-        },
-        "network": {"bind_address": rack.address, "api_port": 8440, "raft_port": 7440},
-        "state_dir": str(tmp / name),
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
-
-
-def start_node(mesh: Mesh, tmp: Path, name: str, rack: RackNs, config: Path) -> tuple[Path, Path]:
-    out, err = tmp / f"{name}.events", tmp / f"{name}.log"
-    mesh.spawn(
-        rack,
-        mesh.python("-m", "meshcloud.discovery", "--config", str(config), "--simulate-formation"),
-        out,
-        err,
-    )
-    return out, err
-
-
-def admitted(path: Path) -> set[str]:
-    return {e["peer"] for e in events(path) if e["event"] in ("admitted", "updated")}
-
-
-def formed(path: Path) -> list[dict[str, Any]]:
-    return [e for e in events(path) if e["event"] == "formed"]
 
 
 @pytest.mark.timeout(120)

@@ -119,7 +119,8 @@ def test_report_round_trip() -> None:
         leader="rack-b",
         members=(Member("rack-b", "10.0.0.2", 7440, 8440),),
     )
-    for report in (rack_report(), rack_report(status=formed)):
+    known = (Member("rack-b", "10.0.0.2", 7440, 8440), Member("rack-c", "fd00::3", 7440, 8440))
+    for report in (rack_report(), rack_report(status=formed, known=known)):
         assert report_from_json(report_to_json(report)) == report
 
 
@@ -145,6 +146,12 @@ HOSTILE_REPORTS: list[tuple[str, Any, str]] = [
     ("bad candidate", BASE | {"candidates": ["rack-a", "<x>"]}, "candidate rack name"),
     ("too many candidates", BASE | {"candidates": [f"r{i}" for i in range(300)]}, "at most 256"),
     ("self not candidate", BASE | {"candidates": ["rack-b"]}, "include itself"),
+    ("known not a list", BASE | {"known": {"a": 1}}, "known must be a list"),
+    (
+        "known entry",
+        BASE | {"known": [{"name": "rack-b", "address": "x", "raft_port": 1, "api_port": 2}]},
+        "not an IP address",
+    ),
     (
         "member field",
         BASE | {"formed": True, "cluster_uuid": UUID, "members": [{"name": "x"}]},

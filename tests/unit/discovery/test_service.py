@@ -120,6 +120,16 @@ async def test_static_ring_admits_everyone(lab: Lab) -> None:
     )
 
 
+async def test_one_static_address_is_enough(lab: Lab) -> None:
+    """b and c know only a, a knows nobody: a's report tells each where the other is."""
+    a = await lab.add("rack-a", 14)
+    b = await lab.add("rack-b", 15, (addr(a),))
+    c = await lab.add("rack-c", 16, (addr(a),))
+    await until(lambda: all(len(d.peers) == 2 for d in (a, b, c)))
+    assert b.peers["rack-c"].via == "gossip" or c.peers["rack-b"].via == "gossip"
+    assert {t.via for t in b.targets} >= {"static"}
+
+
 async def test_three_racks_form_one_cluster_and_a_late_rack_joins(lab: Lab) -> None:
     a = await lab.add("rack-a", 21)
     b = await lab.add("rack-b", 22, (addr(a),))
