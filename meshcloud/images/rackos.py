@@ -272,7 +272,7 @@ def extlinux_conf(kernel: str, initrd: str) -> str:
         f"  LINUX /boot/{kernel}\n"
         f"  INITRD /boot/{initrd}\n"
         f"  APPEND root=PARTUUID={ROOT_PARTUUID} ro rootwait console=tty0"
-        " console=ttyS0,115200n8 quiet systemd.show_status=1\n"
+        " console=ttyS0,115200n8 quiet systemd.show_status=1 systemd.status_unit_format=name\n"
     )
 
 
