@@ -518,6 +518,7 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
     # Private state of SyncObj that this class reads and writes (name-mangled there).
     _SyncObj__raftLastApplied: int
     _SyncObj__raftCommitIndex: int
+    _SyncObj__raftLeader: Any
 
     def __init__(
         self,
@@ -676,7 +677,7 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         Without this, a rack that was cut off (or just added) starts an election
         with a higher term as soon as it reconnects, and deposes a healthy leader.
         """
-        if self.selfNode is None or self._SyncObj__raftState == _RAFT_STATE.LEADER:
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER:
             return
         now = time.monotonic()
         if self._SyncObj__raftElectionDeadline >= now or self._SyncObj__transferInProgress:
@@ -685,8 +686,13 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
             self._prevote_won = False  # let the library run the election in this tick
             return
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
-        if not self._SyncObj__connectedToAnyone():
-            return
+        if self._SyncObj__raftLeader is not None:
+            # Not heard from the leader for an election timeout: forget it, so that
+            # proposals fail at once instead of waiting on a leader that is gone.
+            self._SyncObj__onLeaderChanged()
+            self._SyncObj__raftLeader = None
+        if self.selfNode is None or not self._SyncObj__connectedToAnyone():
+            return  # a follower that does not vote never stands; nor does a lone rack
         self._prevote_term = self.raftCurrentTerm + 1
         self._prevote_votes = {self.selfNode.id}
         if self._prevote_majority():
