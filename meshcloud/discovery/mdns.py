@@ -21,7 +21,7 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from meshcloud.core.errors import InvalidInput
+from meshcloud.core.errors import InvalidInput, MeshcloudError
 from meshcloud.discovery.records import SERVICE_TYPE, Announcement, parse_txt, txt_properties
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ MAX_TRACKED_NAMES = 1024
 
 OnAnnouncement = Callable[[Announcement, tuple[str, ...]], None]
 OnRemoved = Callable[[str], None]
+
+
+class MdnsUnavailable(MeshcloudError):
+    """mDNS cannot run on the configured address."""
 
 
 def _ip_version(address: str) -> IPVersion:
@@ -83,7 +87,14 @@ class MdnsAgent:
 
     async def start(self, ann: Announcement) -> None:
         """Bind to the mesh address, announce ``ann`` and start browsing."""
-        self._aiozc = AsyncZeroconf(interfaces=[self.bind_address], ip_version=self._version)
+        try:
+            self._aiozc = AsyncZeroconf(interfaces=[self.bind_address], ip_version=self._version)
+        except OSError as exc:
+            raise MdnsUnavailable(
+                f"cannot run mDNS on {self.bind_address}: {exc}. Check that network.bind_address"
+                " is an address of this rack's mesh interface, or set cluster.mdns: false and"
+                " list cluster.peers"
+            ) from exc
         info = self._service_info(ann)
         await self._aiozc.async_register_service(info, allow_name_change=True)
         self._info = info

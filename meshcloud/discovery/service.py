@@ -312,11 +312,18 @@ class Discovery:
         self._set_status(status)
 
     def _set_status(self, status: FormationStatus) -> None:
+        before = self.announcement()
         changed_formed = status.formed != self._status.formed
         self._status = status
-        self._txt_dirty.set()
+        if self.announcement() != before:
+            self._txt_dirty.set()
         if changed_formed:
-            for target in self._targets.values():
+            self._push_report()
+
+    def _push_report(self, except_name: str | None = None) -> None:
+        """Re-admit every target now, so that peers get this rack's new report at once."""
+        for target in self._targets.values():
+            if target.admitted_name != except_name:
                 target.wake.set()
 
     def add_routes(self, app: web.Application) -> None:
@@ -329,6 +336,13 @@ class Discovery:
         """Open the HTTP client, announce and browse over mDNS, knock at static peers."""
         if self._running:
             return
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         self._running = True
         connector = aiohttp.TCPConnector(local_addr=(self.rack.address, 0), limit=32)
         self._session = aiohttp.ClientSession(
@@ -425,6 +439,8 @@ class Discovery:
             )
         self._peers[peer.name] = peer
         self._learn_known(peer)
+        if old is None and not self._status.formed:
+            self._push_report(except_name=peer.name)  # our view grew: tell the others now
         if old is None:
             log.info(
                 "admitted rack %s (site %s) at %s:%d via %s",

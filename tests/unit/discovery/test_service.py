@@ -13,6 +13,7 @@ from aiohttp import web
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.formation import AlreadyFormed, Found, Join, Member, Wait
 from meshcloud.discovery import Discovery, LocalRack
+from meshcloud.discovery.mdns import MdnsUnavailable
 from meshcloud.discovery.service import parse_peer
 
 SECRET = "correct horse battery staple, 32+ chars long"
@@ -202,3 +203,11 @@ def test_parse_peer() -> None:
     for bad in ("10.0.0.1", "host:80", "10.0.0.1:0", "10.0.0.1:x"):
         with pytest.raises(InvalidInput):
             parse_peer(bad)
+
+
+async def test_mdns_on_a_foreign_address_fails_clearly() -> None:
+    rack = LocalRack("rack-a", "north", "192.0.2.77", 8440, 7440)  # TEST-NET-1, not ours
+    discovery = Discovery(rack, SECRET, bootstrap_expect=1, mdns=True)
+    with pytest.raises(MdnsUnavailable, match=r"cluster\.mdns: false"):
+        await discovery.start()
+    await discovery.stop()  # idempotent after a failed start
