@@ -36,6 +36,12 @@ def rebase_unsafe_argv(image: Path, backing_name: str) -> list[str]:
             _check_path("image", image)]  # fmt: skip
 
 
+def repair_leaks_argv(image: Path) -> list[str]:
+    """argv reclaiming leaked clusters (what a killed ``qemu-img commit`` can leave)."""
+    return [QEMU_IMG, "check", "-q", "-r", "leaks", "-f", "qcow2",
+            _check_path("image", image)]  # fmt: skip
+
+
 def compare_argv(
     image_a: Path, image_b: Path, *, fmt_a: str = "qcow2", fmt_b: str = "qcow2"
 ) -> list[str]:

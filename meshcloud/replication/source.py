@@ -28,6 +28,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -220,14 +221,20 @@ class _Session:
         self.link = link
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._stderr,
             start_new_session=True,
         )
         self._buffer = b""
+
+    def stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        return " / ".join(ln for ln in lines if "chdir to home" not in ln)[-300:]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -254,7 +261,8 @@ class _Session:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     raise Unavailable(
-                        f"rack {self.link.rack}: replication session ended; it will be reopened"
+                        f"rack {self.link.rack}: replication session ended"
+                        f" ({self.stderr_tail() or 'no message'}); it will be reopened"
                     )
                 self._buffer += chunk
             raw, self._buffer = self._buffer.split(b"\n", 1)
@@ -272,6 +280,7 @@ class _Session:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
+        self._stderr.close()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):

@@ -8,8 +8,10 @@ file, so that tests exercise the real transport: ssh, rrsync, rsync, serve.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -188,10 +190,17 @@ class LoopbackSshd:
         self.proc = None
 
     def kill(self) -> None:
-        """Kill sshd at once (a rack dying); sessions it forked die with their clients."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        """Kill sshd and everything it started at once (a rack dying mid-request).
+
+        Each connection's sshd child starts its own session, so the process
+        tree is walked rather than a process group killed.
+        """
+        if self.proc is None:
+            return
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
         self.proc = None
 
     def __enter__(self) -> LoopbackSshd:
@@ -205,6 +214,27 @@ class LoopbackSshd:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def have_sshd() -> bool:

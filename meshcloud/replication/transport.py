@@ -30,7 +30,6 @@ from meshcloud.core.names import validate_name
 
 SSH = "ssh"
 RSYNC = "rsync"
-PARTIAL_DIR = ".rsync-partial"
 OUT_FORMAT = "mcfile|%n|%l|%C"
 CHECKSUM_CHOICE = "sha1"
 _SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]+$")
@@ -94,6 +93,11 @@ class SshTarget:
         _safe_path("known_hosts file", self.known_hosts_file)
         if self.control_dir is not None:
             _safe_path("control directory", self.control_dir)
+            if len(str(self.control_dir)) > 60:
+                raise InvalidInput(
+                    f"ssh control directory {self.control_dir} is too long for a socket path"
+                    " (at most 60 characters): use a short one such as /run/meshcloud/ssh"
+                )
         for key in ("connect_timeout_s", "alive_interval_s", "alive_count", "control_persist_s"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
@@ -185,8 +189,11 @@ class RsyncSettings:
 
 def _common_rsync_options(settings: RsyncSettings) -> list[str]:
     opts = [
+        # Resumable: an interrupted file stays in the receiver's incoming
+        # directory (a staging area no chain reads) and is the basis of the
+        # next attempt. Not --partial-dir: rrsync 3.5 pins that directory in
+        # a way that makes rsync drop the partial file.
         "--partial",
-        f"--partial-dir={PARTIAL_DIR}",  # resumable; the name appears only when complete
         f"--checksum-choice={CHECKSUM_CHOICE}",
         f"--out-format={OUT_FORMAT}",
         "--stats",
@@ -223,9 +230,10 @@ def rsync_push_argv(
     The destination is a directory (the file keeps its name): rrsync pins
     an existing destination *file* in a way rsync cannot replace.
 
-    Never ``--inplace``: rsync writes a temporary name (resumable through
-    ``--partial-dir``) and renames it only after the whole-file checksum
-    matched; the receiver then checks that checksum again before stacking.
+    Never ``--inplace``: rsync writes a temporary name and renames it only
+    after the whole-file checksum matched (an interrupted transfer leaves a
+    partial file in incoming, resumed next time); the receiver checks that
+    checksum again before the file enters a chain.
     """
     argv = [RSYNC, *_common_rsync_options(settings)]
     if sparse:

@@ -32,7 +32,12 @@ from meshcloud.core.names import validate_name
 from meshcloud.hypervisor.qemu_img import run_qemu_img
 from meshcloud.replication import manifest as mf
 from meshcloud.replication.manifest import Manifest, Role, generation_file
-from meshcloud.replication.qemu import Qcow2Header, commit_argv, parse_qcow2_header
+from meshcloud.replication.qemu import (
+    Qcow2Header,
+    commit_argv,
+    parse_qcow2_header,
+    repair_leaks_argv,
+)
 
 MANIFEST = "manifest.json"
 INCOMING = ".incoming"
@@ -222,9 +227,17 @@ class VolumeSet:
                 with self.locked():
                     m = self.load()
                     pair = mf.begin_merge(m, disk)
+                marker = self.disk_dir(disk) / ".merging"
+                if marker.exists():
+                    # A merge was killed: the file it wrote into (the current bottom,
+                    # renamed or not) may hold leaked clusters: harmless, but wasted
+                    # space. Reclaim them first.
+                    self.qemu(repair_leaks_argv(self.file(disk, m.chain(disk).bottom)))
+                    marker.unlink()
                 if pair is None:
                     continue
                 bottom, overlay = pair
+                marker.write_text(f"{bottom} <- {overlay}\n")
                 self.qemu(commit_argv(self.file(disk, overlay)))
                 with self.locked():
                     m = self.load()
@@ -233,6 +246,7 @@ class VolumeSet:
                     m = mf.merged_on_replica(m, disk, bottom, overlay)
                     self.save(m)
                     self.recover(m)
+                marker.unlink(missing_ok=True)
                 merged = True
             return merged
 

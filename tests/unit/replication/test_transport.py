@@ -61,7 +61,7 @@ def test_rsync_push_never_inplace_and_resumable() -> None:
     )  # fmt: skip
     assert argv[0] == "rsync"
     assert "--inplace" not in argv and "--whole-file" not in argv
-    assert "--partial-dir=.rsync-partial" in argv
+    assert "--partial" in argv
     assert "--checksum-choice=sha1" in argv
     assert "--bwlimit=2500" in argv and "--compress" in argv
     assert argv[-1] == "root@10.1.0.2:app/data/"
