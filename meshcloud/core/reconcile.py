@@ -39,12 +39,20 @@ from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot
 
 
 class DomainState(StrEnum):
-    """What the local hypervisor says about an appliance's VM."""
+    """What the local hypervisor says about an appliance's VM (same values as the adapter's)."""
 
     RUNNING = "running"
     PAUSED = "paused"
+    SHUTTING_DOWN = "shutting-down"
     SHUTOFF = "shutoff"
     CRASHED = "crashed"
+    OTHER = "other"
+
+
+# States in which the guest may still execute, and so write to its disks.
+ACTIVE = frozenset({DomainState.RUNNING, DomainState.SHUTTING_DOWN, DomainState.OTHER})
+# States in which a VM exists in memory (active or frozen): it must be destroyed before a start.
+LIVE = ACTIVE | {DomainState.PAUSED}
 
 
 @dataclass(frozen=True)
@@ -209,10 +217,10 @@ def _fence(
     destroyed: list[str] = []
     for name in sorted(domains):
         state = domains[name].state
-        if state is DomainState.RUNNING and not expired:
+        if state in ACTIVE and not expired:
             actions.append(Pause(name))
             paused.append(name)
-        elif state in (DomainState.RUNNING, DomainState.PAUSED) and expired:
+        elif state in LIVE and expired:
             actions.append(Destroy(name))
             destroyed.append(name)
     head = f"no lease for {without_s:.1f} s"
@@ -293,7 +301,7 @@ class _Cycle:
             asg = assignments.get(name)
             dom = self.domains.get(name)
             if dom is not None and asg is not None and dom.epoch > asg.epoch:
-                if dom.state in (DomainState.RUNNING, DomainState.PAUSED):
+                if dom.state in LIVE:
                     self._say(
                         "behind",
                         f"{name} (local epoch {dom.epoch}, map epoch {asg.epoch})",
@@ -334,6 +342,14 @@ class _Cycle:
             self._say("stale", f"{name} (epoch {dom.epoch}, map epoch {epoch})")
             self.explained.add(name)
             return Start(name, epoch)
+        if dom is not None and dom.state in (DomainState.SHUTTING_DOWN, DomainState.OTHER):
+            if dom.epoch == epoch:
+                self._say("wait", f"{name} ({dom.state})")
+                return None
+            self.actions.append(Destroy(name))
+            self._say("stale", f"{name} (epoch {dom.epoch}, map epoch {epoch})")
+            self.explained.add(name)
+            return Start(name, epoch)
         return self._restart(name, epoch)
 
     def _restart(self, name: str, epoch: int) -> Start | None:
@@ -369,16 +385,18 @@ class _Cycle:
 
     def _remove(self, name: str, asg: Assignment | None, dom: LocalDomain) -> None:
         """A VM here that the map does not assign here."""
-        if dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
+        if dom.state not in LIVE:
             return  # already off; its disks are the replication layer's business
         if asg is not None and asg.primary is not None and asg.primary != self.rack:
             self.actions.append(Destroy(name))
             self._say("moved", f"{name} (moved to {asg.primary} under epoch {asg.epoch})")
-        elif dom.state is DomainState.PAUSED:
-            self.actions.append(Destroy(name))
-            self._say("unassigned", name)
-        else:
+        elif dom.state is DomainState.RUNNING:
             self.actions.append(Stop(name))
+            self._say("unassigned", name)
+        elif dom.state is DomainState.SHUTTING_DOWN:
+            self._say("wait", f"{name} ({dom.state})")
+        else:  # paused or in an unknown state: a graceful stop cannot work
+            self.actions.append(Destroy(name))
             self._say("unassigned", name)
 
     def _reason(self) -> str:
@@ -399,6 +417,8 @@ class _Cycle:
             parts.append(f"starting {_names(c['start'])}")
         if "backoff" in c:
             parts.append(f"restarting {_names(c['backoff'])}")
+        if "wait" in c:
+            parts.append(f"waiting for {_names(c['wait'])} to settle")
         if not parts:
             assigned = len(self.snapshot.assigned_to(self.rack))
             if assigned == 0:

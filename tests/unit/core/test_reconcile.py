@@ -18,6 +18,7 @@ from meshcloud.core.models import (
     Rack,
 )
 from meshcloud.core.reconcile import (
+    LIVE,
     CrashHistory,
     Destroy,
     DomainState,
@@ -38,6 +39,7 @@ RUN, PAUSED, OFF, CRASHED = (
     DomainState.SHUTOFF,
     DomainState.CRASHED,
 )
+GOING, OTHER = DomainState.SHUTTING_DOWN, DomainState.OTHER
 HELD = LeaseView.holding()
 POLICY = RestartPolicy(max_restarts=3, window_s=100.0, backoff_initial_s=2.0, backoff_max_s=10.0)
 PRIORITY = {"voip": 900, "db": 500, "wiki": 100}
@@ -171,6 +173,48 @@ CASES = [
         "stopping proxy: no longer assigned here; starting voip (epoch 1), db (epoch 1), wiki",
     ),
     (
+        "shutting-down-assigned-waits",
+        [here("voip", 3)],
+        doms(("voip", GOING, 3)),
+        [],
+        "waiting for voip (shutting-down) to settle",
+    ),
+    (
+        "shutting-down-older-epoch-replaced",
+        [here("voip", 4)],
+        doms(("voip", GOING, 3)),
+        [Destroy("voip"), Start("voip", 4)],
+        "it ran under an older epoch",
+    ),
+    (
+        "shutting-down-moved-destroyed",
+        [here("voip", 4, rack="r2")],
+        doms(("voip", GOING, 3)),
+        [Destroy("voip")],
+        "the map runs it elsewhere now",
+    ),
+    (
+        "shutting-down-unassigned-left-to-finish",
+        [],
+        doms(("wiki", GOING, 3)),
+        [],
+        "waiting for wiki (shutting-down) to settle",
+    ),
+    (
+        "unknown-state-assigned-left-alone",
+        [here("voip", 3)],
+        doms(("voip", OTHER, 3)),
+        [],
+        "waiting for voip (other) to settle",
+    ),
+    (
+        "unknown-state-unassigned-destroyed",
+        [],
+        doms(("wiki", OTHER, 3)),
+        [Destroy("wiki")],
+        "stopping wiki: no longer assigned here",
+    ),
+    (
         "shutoff-unassigned-ignored",
         [here("wiki", 2, rack="r2")],
         doms(("wiki", OFF, 1)),
@@ -249,6 +293,13 @@ LEASE_CASES = [
         doms(("voip", PAUSED, 3)),
         [],
         "starting nothing until the lease is back (1 paused)",
+    ),
+    (
+        "active-states-are-paused-too",
+        LeaseView.lost(999.0),
+        doms(("voip", GOING, 3), ("wiki", OTHER, 2)),
+        [Pause("voip"), Pause("wiki")],
+        "pausing voip, wiki",
     ),
     (
         "grace-over-destroys",
@@ -371,10 +422,12 @@ def test_cycle_safety(
             assert action.epoch == asg.epoch
         if isinstance(action, Start):
             dom = domains.get(action.appliance)
-            if dom is not None and dom.state in (RUN, PAUSED):
+            if dom is not None and dom.state in LIVE:
                 assert Destroy(action.appliance) in actions  # never two copies here either
         if isinstance(action, Stop | Destroy | Pause):
-            assert action.appliance in domains
+            assert action.appliance in domains and domains[action.appliance].state in LIVE
+        if isinstance(action, Stop):
+            assert domains[action.appliance].state is RUN
     # At most one lifecycle action per appliance, except destroy-then-start.
     for name in set(touched):
         kinds = [
