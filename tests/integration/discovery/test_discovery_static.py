@@ -1,57 +1,56 @@
-"""Static peers between network namespaces, mDNS off: one cluster forms, a late rack joins.
+"""Static peers between lab racks, mDNS off, on a lossy link: one cluster, then a late join.
 
-Each rack lists only rack-a (and rack-a lists nobody): inbound admission
-spreads the picture. The late rack lists only rack-c and still joins the
-cluster that rack-a founded.
+r2 and r3 list only r1, and r1 lists nobody: inbound admission and the
+peers' reports spread the picture. The late rack lists only r3 and still
+joins the cluster that r1 founded. Links have 50 ms delay and 1 % loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from discovery_mesh import SECRET, Mesh, admitted, formed, start_node, wait_for, write_config
+from discovery_helpers import API_PORT, NODE_ARGV, admitted, edit_config, formed, tails
+
+from meshcloud.lab.lab import Lab
+from meshcloud.lab.wait import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_static_peers_form_one_cluster_and_a_late_rack_joins(
-    mesh: Callable[[int], Mesh], tmp_path: Path
+    lab_factory: Callable[..., Lab],
 ) -> None:
-    net = mesh(4)
-    a, b, c, d = net.racks
+    lab = lab_factory(
+        4,
+        daemon_argv=NODE_ARGV,
+        start_daemons=False,
+        bootstrap_expect=3,
+        link="delay=50ms loss=1%",
+    )
+    r1, r3 = lab.rack("r1").ip, lab.rack("r3").ip
     peers = {
-        "rack-a": [],
-        "rack-b": [f"{a.address}:8440"],
-        "rack-c": [f"{a.address}:8440"],
-        "rack-d": [f"{c.address}:8440"],
+        "r1": [],
+        "r2": [f"{r1}:{API_PORT}"],
+        "r3": [f"{r1}:{API_PORT}"],
+        "r4": [f"{r3}:{API_PORT}"],
     }
-    outputs = {}
-    for name, rack in (("rack-a", a), ("rack-b", b), ("rack-c", c)):
-        config = write_config(tmp_path, name, rack, SECRET, peers[name], mdns=False)
-        outputs[name] = start_node(net, tmp_path, name, rack, config)
-    honest = ["rack-a", "rack-b", "rack-c"]
+    for rack, listed in peers.items():
+        edit_config(lab, rack, peers=listed, mdns=False)
+    honest = ["r1", "r2", "r3"]
+    for rack in honest:
+        lab.start_daemon(rack, wait=False)
 
-    def diagnostics() -> str:
-        return "\n".join(
-            f"--- {name}\n{out.read_text()[-3000:]}\n{err.read_text()[-2000:]}"
-            for name, (out, err) in outputs.items()
-        )
+    def describe() -> str:
+        return tails(lab, lab.racks())
 
-    try:
-        wait_for(lambda: all(formed(outputs[n][0]) for n in honest), 40, "one cluster")
-        assert [n for n in honest if formed(outputs[n][0])[0]["how"] == "founded"] == ["rack-a"]
-        cluster = formed(outputs["rack-a"][0])[0]["cluster_uuid"]
-        config = write_config(tmp_path, "rack-d", d, SECRET, peers["rack-d"], mdns=False)
-        outputs["rack-d"] = start_node(net, tmp_path, "rack-d", d, config)
-        wait_for(lambda: bool(formed(outputs["rack-d"][0])), 40, "the late rack to join")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{diagnostics()}") from None
-    late = formed(outputs["rack-d"][0])[0]
-    assert (late["how"], late["cluster_uuid"]) == ("joined", cluster), diagnostics()
-    assert {formed(outputs[n][0])[0]["cluster_uuid"] for n in honest} == {cluster}
-    assert admitted(outputs["rack-b"][0]) >= {"rack-a", "rack-c"}
-    for proc in net.procs:
-        assert proc.poll() is None, diagnostics()
+    wait_for(lambda: all(formed(lab, r) for r in honest), 60, "one cluster", describe=describe)
+    assert [r for r in honest if formed(lab, r)["how"] == "founded"] == ["r1"], describe()
+    cluster = formed(lab, "r1")["cluster_uuid"]
+    assert admitted(lab, "r2") >= {"r1", "r3"}, describe()
+
+    lab.start_daemon("r4", wait=False)
+    late = wait_for(lambda: formed(lab, "r4"), 60, "the late rack to join", describe=describe)
+    assert (late["how"], late["cluster_uuid"]) == ("joined", cluster), describe()
+    assert {formed(lab, r)["cluster_uuid"] for r in honest} == {cluster}
