@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from meshcloud import __version__
+from meshcloud.config import DaemonConfig
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.formation import (
     MAX_MEMBERS,
@@ -156,12 +157,9 @@ class Discovery:
 
     @classmethod
     def from_config(
-        cls, cfg: object, secret: str, status: FormationStatus = NOT_FORMED
+        cls, cfg: DaemonConfig, secret: str, status: FormationStatus = NOT_FORMED
     ) -> Discovery:
-        """Build from a :class:`meshcloud.config.DaemonConfig`."""
-        from meshcloud.config import DaemonConfig
-
-        assert isinstance(cfg, DaemonConfig)
+        """Build from the daemon's configuration, its secret and its persisted status."""
         rack = LocalRack(
             name=cfg.rack.name,
             site=cfg.rack.site,
