@@ -359,11 +359,15 @@ def decide(
                 f"rack {name} names the founding racks {_names(theirs)}, not"
                 f" {_names(chosen)} ({detail}); waiting for its view to settle"
             )
-    return Found(
-        reason=(
+    if len(chosen) == 1:
+        reason = "cluster.bootstrap_expect is 1 and no peer reports a formed cluster: this rack founds the cluster alone"
+    else:
+        reason = (
             f"all {len(chosen)} founding racks ({_names(chosen)}) agree and none reports a"
             " formed cluster; this rack has the lowest name and founds the cluster"
-        ),
+        )
+    return Found(
+        reason=reason,
         founding_set=chosen,
         cluster_uuid=new_cluster_uuid,
     )
