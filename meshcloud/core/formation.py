@@ -360,7 +360,10 @@ def decide(
                 f" {_names(chosen)} ({detail}); waiting for its view to settle"
             )
     if len(chosen) == 1:
-        reason = "cluster.bootstrap_expect is 1 and no peer reports a formed cluster: this rack founds the cluster alone"
+        reason = (
+            "cluster.bootstrap_expect is 1 and no peer reports a formed cluster:"
+            " this rack founds the cluster alone"
+        )
     else:
         reason = (
             f"all {len(chosen)} founding racks ({_names(chosen)}) agree and none reports a"
