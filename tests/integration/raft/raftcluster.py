@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -83,13 +84,14 @@ class LoopbackFirewall:
             "}\n"
         )
 
-    def partition(self, *groups: Iterable[str], reject: bool = False) -> None:
-        """Cut traffic between addresses of different groups (both ways).
+    def partition(self, *groups: Iterable[RaftNode], reject: bool = False) -> None:
+        """Cut Raft traffic between nodes of different groups (both ways).
 
         Packets are dropped (a silent link: connection attempts back off in the
-        kernel), or with ``reject`` answered by a TCP reset (attempts fail at once).
+        kernel), or with ``reject`` answered by a TCP reset (attempts fail at
+        once). Rules match the nodes' addresses and Raft port only.
         """
-        verdict = "meta l4proto tcp reject with tcp reset" if reject else "drop"
+        verdict = "reject with tcp reset" if reject else "drop"
         sides = [list(g) for g in groups]
         rules = [f"flush chain inet {self.table} input"]
         for i, a_side in enumerate(sides):
@@ -98,12 +100,11 @@ class LoopbackFirewall:
                     continue
                 for a in a_side:
                     for b in b_side:
-                        rules.append(
-                            f"add rule inet {self.table} input ip saddr {a} ip daddr {b} {verdict}"
-                        )
-                        if reject:
+                        match = f"ip saddr {a.address} ip daddr {b.address}"
+                        for end in ("sport", "dport"):
                             rules.append(
-                                f"add rule inet {self.table} input ip saddr {a} ip daddr {b} drop"
+                                f"add rule inet {self.table} input {match} tcp {end} {b.port}"
+                                f" {verdict}"
                             )
         nft("\n".join(rules) + "\n")
 
@@ -206,8 +207,8 @@ class RaftCluster:
     nodes: list[RaftNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        block = 20 + os.getpid() % 200
-        sub = next(_counter) % 250 + 1
+        block = random.randrange(20, 250)
+        sub = random.randrange(1, 250)
         addresses = [f"127.{block}.{sub}.{i + 1}" for i in range(self.size)]
         port = _free_port(addresses)
         peers = [f"{a}:{port}" for a in addresses]
@@ -313,7 +314,7 @@ class RaftCluster:
             for address, count in seen.items():
                 if count > len(group) / 2:
                     for node in group:
-                        if node.id == address:
+                        if node.id == address and node.running():
                             return node
             return None
 

@@ -144,6 +144,7 @@ class Engine:
             "last_applied": status.get("last_applied"),
             "log_len": status.get("log_len"),
             "revision": self.machine.state.revision,
+            "recovering": getattr(node, "recovering_from", None) is not None,
             "connected": sorted(
                 k.removeprefix("partner_node_status_server_")
                 for k, v in status.items()

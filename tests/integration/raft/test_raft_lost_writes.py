@@ -44,7 +44,7 @@ async def run_partition(
         failed = [a for a in answers if not a["ok"]]
         assert not failed, f"ballast batch {batch}: {failed[:3]}"
     # Reset, not silence: reconnection after the heal is then immediate (defect c apart).
-    firewall.partition([old.address], [n.address for n in majority], reject=True)
+    firewall.partition([old], majority, reject=True)
     cut = asyncio.create_task(
         old.append_many("h", [f"cut-{i}" for i in range(CUT_WRITES)], timeout_s=20.0)
     )
