@@ -27,6 +27,10 @@ def _describe_char(ch: str) -> str:
 
 def name_problem(value: object) -> str | None:
     """Return why ``value`` is not a valid name, or None if it is valid."""
+    # Fast path for the common case (every model construction validates its names):
+    # fullmatch, unlike match with "$", cannot accept a trailing newline.
+    if type(value) is str and len(value) <= NAME_MAX_LEN and _NAME_RE.fullmatch(value):
+        return None
     if not isinstance(value, str):
         return f"must be a string, not {type(value).__name__}"
     if value == "":

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.names import NAME_MAX_LEN, is_valid_name, validate_name
@@ -63,3 +65,15 @@ def test_message_does_not_echo_a_huge_value() -> None:
     with pytest.raises(InvalidInput) as info:
         validate_name("rack", "a" * 10_000)
     assert len(str(info.value)) < 300
+
+
+@given(st.text(alphabet="ab-z09\n.A\u0430 ", max_size=70))
+def test_fast_path_agrees_with_the_character_checks(value: str) -> None:
+    ok = is_valid_name(value)
+    assert ok == (
+        0 < len(value) <= NAME_MAX_LEN
+        and value[0] in "abz"
+        and all(c in "abz09-" for c in value)
+        and not value.endswith("-")
+        and "--" not in value
+    )
