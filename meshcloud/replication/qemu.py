@@ -56,13 +56,17 @@ def check_argv(image: Path) -> list[str]:
             _check_path("image", image)]  # fmt: skip
 
 
-def flatten_argv(top: Path, target: Path, *, cluster_bytes: int = 4096) -> list[str]:
+def flatten_argv(
+    top: Path, target: Path, *, cluster_bytes: int = 4096, source_format: str = "qcow2"
+) -> list[str]:
     """argv writing the whole chain under ``top`` into a standalone, sparse qcow2 ``target``.
 
     ``-U`` reads a chain a running QEMU holds open; only allocated data is
     written, so a mostly empty disk makes a small file (the seed).
     """
-    return [QEMU_IMG, "convert", "-q", "-U", "-f", "qcow2", "-O", "qcow2",
+    if source_format not in ("qcow2", "raw"):
+        raise InvalidInput(f"source format {source_format!r} must be qcow2 or raw")
+    return [QEMU_IMG, "convert", "-q", "-U", "-f", source_format, "-O", "qcow2",
             "-o", f"cluster_size={cluster_bytes}",
             _check_path("top", top), _check_path("target", target)]  # fmt: skip
 
@@ -94,6 +98,7 @@ class Qcow2Header:
     virtual_size: int
     cluster_bytes: int
     backing_name: str
+    backing_offset: int = 0
 
 
 def parse_qcow2_header(head: bytes) -> Qcow2Header:
@@ -112,4 +117,4 @@ def parse_qcow2_header(head: bytes) -> Qcow2Header:
         if backing_size > 1023 or backing_offset + backing_size > len(head):
             raise InvalidInput("qcow2 backing file name is out of range")
         backing = head[backing_offset : backing_offset + backing_size].decode("utf-8", "replace")
-    return Qcow2Header(version, size, 1 << cluster_bits, backing)
+    return Qcow2Header(version, size, 1 << cluster_bits, backing, backing_offset)

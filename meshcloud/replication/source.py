@@ -327,6 +327,7 @@ class ApplianceSource:
         epoch: int,
         *,
         templates: Mapping[str, Path] | None = None,
+        template_format: str = "qcow2",
         **kwargs: Any,
     ) -> ApplianceSource:
         """Make a new volume set: per disk a bottom (blank, or a copy of a template) and an active overlay."""
@@ -342,7 +343,7 @@ class ApplianceSource:
             bottom = vs.file(chain.disk, chain.bottom)
             template = (templates or {}).get(chain.disk)
             if template is not None:
-                src.qemu(flatten_argv(template, bottom))
+                src.qemu(flatten_argv(template, bottom, source_format=template_format))
             else:
                 src.qemu(create_blank_argv(bottom, chain.virtual_size))
             src.qemu(create_overlay_named_argv(vs.file(chain.disk, chain.top), chain.bottom))
@@ -378,6 +379,9 @@ class ApplianceSource:
                 return True
         return False
 
+    def _next_overlay(self, disk: str, generation: int) -> Path:
+        return self.volume.disk_dir(disk) / f".next-{mf.generation_file(generation)}"
+
     def freeze(self, epoch: int) -> GenerationRecord:
         """Make the writes since the last freeze generation N+1 (atomic across disks)."""
         vs = self.volume
@@ -393,7 +397,11 @@ class ApplianceSource:
                     new = vs.file(chain.disk, mf.generation_file(gen + 1))
                     if new.exists():
                         new.unlink()
-                    self.qemu(create_overlay_named_argv(new, chain.top))
+                    ready = self._next_overlay(chain.disk, gen + 1)
+                    if ready.exists():  # made empty after the last freeze, off the critical path
+                        os.rename(ready, new)
+                    else:
+                        self.qemu(create_overlay_named_argv(new, chain.top))
                     new_overlays[chain.disk] = new
                 empty = {d: _empty_overlay_bytes(p) for d, p in new_overlays.items()}
                 if self.live is not None and self.live.running():
@@ -415,6 +423,10 @@ class ApplianceSource:
             new_m = mf.freeze_primary(m, epoch, now, data_bytes)
             vs.save(new_m)
             self._empty_bytes = empty
+            for chain in new_m.disks:  # the overlay the next freeze will switch to
+                ready = self._next_overlay(chain.disk, gen + 2)
+                ready.unlink(missing_ok=True)
+                self.qemu(create_overlay_named_argv(ready, chain.top))
         if self.on_frozen is not None:
             self.on_frozen(new_m)
         record = new_m.record(gen)

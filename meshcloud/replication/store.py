@@ -35,6 +35,7 @@ from meshcloud.replication.volume import (
     fsync_file,
     list_appliances,
     read_qcow2_header,
+    rewrite_backing_name,
     sha1_file,
     write_durably,
 )
@@ -258,7 +259,8 @@ class ReplicaStore:
                     stage = ddir / f".recv-{generation_file(gen)}"
                     os.rename(inc, stage)
                     staged.append((stage, ddir / generation_file(gen)))
-                    self.qemu(rebase_unsafe_argv(stage, chain.top))
+                    if not rewrite_backing_name(stage, chain.top):
+                        self.qemu(rebase_unsafe_argv(stage, chain.top))
                     fsync_file(stage)
                 for stage, final in staged:
                     os.rename(stage, final)

@@ -136,6 +136,8 @@ def ssh_options(target: SshTarget, *, for_rsync: bool = False) -> list[str]:
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
         "-o", "LogLevel=ERROR",
+        # AES-GCM first: with AES-NI it is several times faster than ChaCha20
+        "-o", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
         "-o", f"ConnectTimeout={target.connect_timeout_s}",
         "-o", f"ServerAliveInterval={target.alive_interval_s}",
         "-o", f"ServerAliveCountMax={target.alive_count}",
@@ -174,7 +176,7 @@ class RsyncSettings:
     compress_choice: str = "zstd"
     compress_level: int = 1
     io_timeout_s: int = 60
-    fsync: bool = True
+    fsync: bool = False  # the receiver fsyncs each delta itself before it enters a chain
 
     def __post_init__(self) -> None:
         if self.bwlimit_kbps < 0:

@@ -97,6 +97,33 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
         return parse_qcow2_header(f.read(4096))
 
 
+def rewrite_backing_name(path: Path, new_name: str) -> bool:
+    """Point a (not yet used) overlay at ``new_name`` by rewriting the name in place.
+
+    Only when the stored name is a chain file name of the same length (the
+    usual case: ``g<12 digits>.qcow2``), so that the header's offset and
+    size fields stay as they are and a single write of 19 bytes inside the
+    first sector does it. Returns False when it does not apply (the caller
+    then runs ``qemu-img rebase -u``).
+    """
+    with path.open("r+b") as f:
+        head = f.read(4096)
+        header = parse_qcow2_header(head)
+        old = header.backing_name
+        if (
+            mf.parse_generation_file(old) is None
+            or mf.parse_generation_file(new_name) is None
+            or len(old) != len(new_name)
+        ):
+            return False
+        offset = header.backing_offset
+        if offset < 72 or offset + len(new_name) > 512:
+            return False
+        f.seek(offset)
+        f.write(new_name.encode())
+    return True
+
+
 @contextlib.contextmanager
 def _flock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
