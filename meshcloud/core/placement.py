@@ -502,10 +502,18 @@ class _Pass:
                 self.replicas[name] = self._kept_holders(spec, sites)
                 continue
             want = min(spec.replicas, spare_racks)
-            existing = sorted(self.copies[name] - {rack}, key=lambda r: (-self._gen(name, r), r))
+            copies = self.copies[name]
             chosen: list[str] = []
             used_sites = {self.site[rack]}
             duplicates: list[str] = []
+            if len(copies) == 1 and want == 0:
+                self.replicas[name] = ()
+                continue
+            existing = (
+                sorted(copies - {rack}, key=lambda r: (-self._gen(name, r), r))
+                if len(copies) > 1
+                else []
+            )
             for holder in existing:
                 if len(chosen) < want and self.site[holder] not in used_sites:
                     chosen.append(holder)
@@ -570,7 +578,8 @@ class _Pass:
         heapq.heappush(sites[self.site[rack]], (-self.free_disk[rack], rack, self.version[rack]))
 
     def _site_top(self, heap: list[tuple[int, str, int]]) -> tuple[int, str, int] | None:
-        while heap and heap[0][2] != self.version[heap[0][1]]:
+        version = self.version
+        while heap and heap[0][2] != version[heap[0][1]]:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
@@ -581,15 +590,16 @@ class _Pass:
         used_sites: set[str],
     ) -> str | None:
         """The rack with the most free disk on a site holding no copy of ``spec`` yet."""
-        best: tuple[int, str] | None = None
+        best: tuple[int, str, int] | None = None
+        need = -self.disk[spec.name]
+        version = self.version
         for site, heap in sites.items():
             if site in used_sites:
                 continue
-            top = self._site_top(heap)
-            if top is None or -top[0] < self.disk[spec.name]:
-                continue
-            if best is None or (top[0], top[1]) < best:
-                best = (top[0], top[1])
+            while heap and heap[0][2] != version[heap[0][1]]:
+                heapq.heappop(heap)  # stale entry: the rack changed since it was pushed
+            if heap and heap[0][0] <= need and (best is None or heap[0] < best):
+                best = heap[0]
         return best[1] if best else None
 
     def _roomiest_any_site(
