@@ -34,10 +34,10 @@ test-fast: bootstrap
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: bootstrap appliance
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-quick: bootstrap appliance
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 clean:
 	rm -rf build rack-images/appliances/build .mypy_cache .pytest_cache .ruff_cache
