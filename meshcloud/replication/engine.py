@@ -121,13 +121,17 @@ class ReplicationEngine:
     def source(self, appliance: str) -> ApplianceSource:
         with self._lock:
             src = self._sources.get(appliance)
+            fresh = src is None
             if src is None:
                 src = ApplianceSource(
                     self.volumes, appliance, transport=self.transport, clock=self.clock
                 )
                 self._sources[appliance] = src
             src.live = self.live_for(appliance)
-            return src
+            duty = self._duties.get(appliance)
+        if fresh and duty is not None and src.reconcile(duty.epoch):
+            self._emit(f"{appliance}: completed a freeze a crash had interrupted")
+        return src
 
     def create_volumes(
         self,

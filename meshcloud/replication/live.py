@@ -214,4 +214,5 @@ class LibvirtLiveOps:
         self._run(lambda conn: block_commit(conn, self.domain, disk, top, base))
 
     def sources(self) -> dict[str, str]:
+        """``{disk name: file the running guest writes to}``."""
         return dict(self._run(lambda conn: domain_disk_sources(conn, self.domain)))

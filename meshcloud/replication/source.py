@@ -83,6 +83,8 @@ class LiveOps(Protocol):
 
     def commit(self, disk: str, top: Path, base: Path) -> None: ...
 
+    def sources(self) -> dict[str, str]: ...
+
 
 @dataclass(frozen=True)
 class ReplicaLink:
@@ -407,31 +409,69 @@ class ApplianceSource:
                 if self.live is not None and self.live.running():
                     self.live.freeze(new_overlays, f"meshcloud {self.appliance} generation {gen}")
             except BaseException:
-                for path in new_overlays.values():
-                    path.unlink(missing_ok=True)
-                raise
-            now = self.clock()
-            data_bytes = 0
-            for chain in m.disks:
-                frozen = vs.file(chain.disk, chain.top)
-                link = vs.outbox_file(chain.disk, gen)
-                link.parent.mkdir(exist_ok=True)
-                link.unlink(missing_ok=True)
-                os.link(frozen, link)
-                data_bytes += max(0, frozen.stat().st_size - empty[chain.disk])
-                fsync_dir(link.parent)
-            new_m = mf.freeze_primary(m, epoch, now, data_bytes)
-            vs.save(new_m)
-            self._empty_bytes = empty
-            for chain in new_m.disks:  # the overlay the next freeze will switch to
-                ready = self._next_overlay(chain.disk, gen + 2)
-                ready.unlink(missing_ok=True)
-                self.qemu(create_overlay_named_argv(ready, chain.top))
+                if not self._guest_switched(m):
+                    for path in new_overlays.values():
+                        path.unlink(missing_ok=True)
+                    raise
+                # the snapshot took effect although it reported a failure: keep it
+                empty = {d: 0 for d in new_overlays}
+            new_m = self._finish_freeze(m, epoch, empty)
         if self.on_frozen is not None:
             self.on_frozen(new_m)
         record = new_m.record(gen)
         assert record is not None
         return record
+
+    def _guest_switched(self, m: Manifest) -> bool:
+        """Whether the running guest already writes to the overlays of generation N+2."""
+        if self.live is None:
+            return False
+        try:
+            if not self.live.running():
+                return False
+            sources = self.live.sources()
+        except MeshcloudError:
+            return False
+        return all(
+            sources.get(d) == str(self.volume.file(d, mf.generation_file(m.generation + 2)))
+            for d in m.disk_names
+        )
+
+    def _finish_freeze(self, m: Manifest, epoch: int, empty: Mapping[str, int]) -> Manifest:
+        """Link the frozen overlays into the outbox and save the manifest (lock held)."""
+        vs = self.volume
+        gen = m.generation + 1
+        now = self.clock()
+        data_bytes = 0
+        for chain in m.disks:
+            frozen = vs.file(chain.disk, chain.top)
+            link = vs.outbox_file(chain.disk, gen)
+            link.parent.mkdir(exist_ok=True)
+            link.unlink(missing_ok=True)
+            os.link(frozen, link)
+            data_bytes += max(0, frozen.stat().st_size - empty.get(chain.disk, 0))
+            fsync_dir(link.parent)
+        new_m = mf.freeze_primary(m, epoch, now, data_bytes)
+        vs.save(new_m)
+        self._empty_bytes = dict(empty)
+        for chain in new_m.disks:  # the overlay the next freeze will switch to
+            ready = self._next_overlay(chain.disk, gen + 2)
+            ready.unlink(missing_ok=True)
+            self.qemu(create_overlay_named_argv(ready, chain.top))
+        return new_m
+
+    def reconcile(self, epoch: int) -> bool:
+        """After a crash between a snapshot and its manifest save, adopt what the guest uses.
+
+        Call once when taking charge of a running appliance (the engine does).
+        Returns True if an interrupted freeze was completed.
+        """
+        with self.volume.locked():
+            m = self.volume.recover(self.volume.load())
+            if m.role != Role.PRIMARY or not self._guest_switched(m):
+                return False
+            self._finish_freeze(m, epoch, {})
+            return True
 
     # -- shipping ----------------------------------------------------------
 

@@ -1,0 +1,75 @@
+"""Source-side freezes with a stand-in for libvirt (qemu-img only, no ssh)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from meshcloud.core.errors import ReplicationError
+from meshcloud.replication.manifest import generation_file
+from meshcloud.replication.qemu import create_overlay_named_argv
+from meshcloud.replication.source import ApplianceSource
+from meshcloud.replication.volume import default_qemu_runner
+
+
+class FakeLive:
+    """Switches the 'guest' to the new overlays like libvirt, optionally failing after."""
+
+    def __init__(self, src_paths: dict[str, str], fail_after_switch: bool = False) -> None:
+        self.current = src_paths
+        self.fail_after_switch = fail_after_switch
+
+    def running(self) -> bool:
+        return True
+
+    def freeze(self, new_overlays: Mapping[str, Path], description: str) -> None:
+        self.current = {d: str(p) for d, p in new_overlays.items()}
+        if self.fail_after_switch:
+            raise ReplicationError("libvirt reported an error after switching")
+
+    def commit(self, disk: str, top: Path, base: Path) -> None:
+        raise AssertionError("not used here")
+
+    def sources(self) -> dict[str, str]:
+        return dict(self.current)
+
+
+def test_a_snapshot_that_took_effect_is_kept_even_if_reported_failed(tmp_path: Path) -> None:
+    src = ApplianceSource.create(tmp_path, "app", {"data": 8 << 20}, epoch=1)
+    live = FakeLive({"data": str(src.active_paths()["data"])}, fail_after_switch=True)
+    src.live = live
+    record = src.freeze(1)
+    assert record.generation == 1
+    active = src.active_paths()["data"]
+    assert str(active) == live.current["data"] and active.exists()
+
+
+def test_a_failed_snapshot_leaves_everything_as_it_was(tmp_path: Path) -> None:
+    src = ApplianceSource.create(tmp_path, "app", {"data": 8 << 20}, epoch=1)
+
+    class Refusing(FakeLive):
+        def freeze(self, new_overlays: Mapping[str, Path], description: str) -> None:
+            raise ReplicationError("snapshot refused")
+
+    before = src.active_paths()["data"]
+    src.live = Refusing({"data": str(before)})
+    with pytest.raises(ReplicationError):
+        src.freeze(1)
+    assert src.active_paths()["data"] == before and src.manifest().generation == 0
+    assert not (before.parent / generation_file(2)).exists()
+
+
+def test_reconcile_completes_a_freeze_cut_short_by_a_crash(tmp_path: Path) -> None:
+    src = ApplianceSource.create(tmp_path, "app", {"data": 8 << 20}, epoch=1)
+    m = src.manifest()
+    # the crash: the guest was switched to generation 2's overlay, the manifest not saved
+    new = src.volume.file("data", generation_file(2))
+    default_qemu_runner(create_overlay_named_argv(new, m.chain("data").top))
+    src.live = FakeLive({"data": str(new)})
+    assert src.reconcile(1)
+    assert src.manifest().generation == 1
+    assert src.active_paths()["data"] == new
+    assert src.volume.outbox_file("data", 1).exists()
+    assert not src.reconcile(1)  # nothing left to do
