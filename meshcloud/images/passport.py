@@ -39,14 +39,19 @@ class PassportInfo:
         return f"meshcloud:{self.cluster_id}/{self.rack}"
 
 
-def _qr(canvas: Canvas, text: str, x: float, y: float, size: float, caption: str) -> None:
+def _qr(canvas: Canvas, text: str, x: float, y: float, size: float, label: str, align: str) -> None:
+    """A QR code of ``text`` at (x, y), with its label and text below, aligned left or right."""
     widget = QrCodeWidget(text, barLevel="M", barFillColor=black, barStrokeColor=black)
     x0, y0, x1, y1 = widget.getBounds()
     drawing = Drawing(size, size, transform=[size / (x1 - x0), 0, 0, size / (y1 - y0), 0, 0])
     drawing.add(widget)
     renderPDF.draw(drawing, canvas, x, y)
-    canvas.setFont("Helvetica", 9)
-    canvas.drawCentredString(x + size / 2, y - 5 * mm, caption)
+    draw = canvas.drawString if align == "left" else canvas.drawRightString
+    anchor = x if align == "left" else x + size
+    canvas.setFont("Helvetica-Bold", 10)
+    draw(anchor, y - 5 * mm, label)
+    canvas.setFont("Courier", 8)
+    draw(anchor, y - 9 * mm, text)
 
 
 def render_passport(info: PassportInfo, out: Path) -> Path:
@@ -90,8 +95,8 @@ def render_passport(info: PassportInfo, out: Path) -> Path:
 
     qr_size = 60 * mm
     qr_y = y - qr_size - 6 * mm
-    _qr(c, info.rack_id, left, qr_y, qr_size, f"rack id: {info.rack_id}")
-    _qr(c, info.console_url, right - qr_size, qr_y, qr_size, f"console: {info.console_url}")
+    _qr(c, info.rack_id, left, qr_y, qr_size, "RACK ID", "left")
+    _qr(c, info.console_url, right - qr_size, qr_y, qr_size, "CONSOLE", "right")
 
     c.setFillColor(black)
     steps = [

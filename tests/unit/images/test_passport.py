@@ -32,7 +32,7 @@ def test_passport_is_one_printable_page_with_the_facts(tmp_path: Path) -> None:
                           text=True, check=True).stdout  # fmt: skip
     assert text.count("\f") == 1  # one page
     for fact in ("rack-2", "site north", "cluster relief", INFO.cluster_id, INFO.console_url,
-                 "ab" * 16, "/dev/sdb", "rack id: meshcloud:" + INFO.cluster_id + "/rack-2"):  # fmt: skip
+                 "ab" * 16, "/dev/sdb", "meshcloud:" + INFO.cluster_id + "/rack-2", "RACK ID", "CONSOLE"):  # fmt: skip
         assert fact in text, fact
     subprocess.run(["pdftoppm", "-png", "-r", "60", "-singlefile", str(pdf), str(tmp_path / "p")],
                    check=True)  # fmt: skip
@@ -42,6 +42,17 @@ def test_passport_is_one_printable_page_with_the_facts(tmp_path: Path) -> None:
     assert all(r == g == b for _count, (r, g, b) in colours)
     dark = sum(count for count, (r, _g, _b) in colours if r < 128)
     assert dark > 0.03 * page.width * page.height  # QR codes and text are really there
+
+
+def test_qr_codes_decode_to_the_rack_id_and_the_console(tmp_path: Path) -> None:
+    if shutil.which("zbarimg") is None or shutil.which("pdftoppm") is None:
+        pytest.skip("needs zbar-tools and poppler-utils")
+    pdf = render_passport(INFO, tmp_path / "rack-2.pdf")
+    subprocess.run(["pdftoppm", "-png", "-r", "150", "-singlefile", str(pdf), str(tmp_path / "p")],
+                   check=True)  # fmt: skip
+    decoded = subprocess.run(["zbarimg", "-q", "--raw", str(tmp_path / "p.png")],
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert sorted(decoded) == sorted([INFO.rack_id, INFO.console_url])
 
 
 def test_same_input_gives_the_same_pdf(tmp_path: Path) -> None:
