@@ -163,6 +163,8 @@ class Engine:
                 "log_first": view.get("log_first"),
                 "revision": self.store.state().revision,
                 "voters": sorted(self.store.state().voters),
+                "raft_voters": sorted(view.get("voters", [])),
+                "connected": sorted(view.get("connected", [])),
             }
         return dict(self.view)
 
