@@ -77,3 +77,15 @@ def test_fast_path_agrees_with_the_character_checks(value: str) -> None:
         and not value.endswith("-")
         and "--" not in value
     )
+    if ok:
+        assert validate_name("rack", value) == value
+    else:
+        with pytest.raises(InvalidInput):
+            validate_name("rack", value)
+
+
+@pytest.mark.parametrize("value", ["rack\n", "rack\r\n", "a" * 63 + "\n"])
+def test_trailing_newline_is_refused(value: str) -> None:
+    assert not is_valid_name(value)
+    with pytest.raises(InvalidInput, match=r"U\+000A|U\+000D|characters long"):
+        validate_name("rack", value)
