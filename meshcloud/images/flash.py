@@ -345,6 +345,10 @@ def flash_one(
     total = image.bmap.mapped_bytes
     dev: _Device | None = None
     try:
+        # Checked again just before opening: the plan may be minutes old.
+        again = refusals(device.target, image.path, image.bmap.image_bytes, view)
+        if again:
+            raise FlashRefused(f"refused {name}: " + "; ".join(again))
         dev = _Device(device.path)
         if ioctl_read_only(dev.fd):
             raise FlashRefused(f"{name}: the kernel reports it read-only (BLKROGET)")

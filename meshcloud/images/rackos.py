@@ -56,7 +56,8 @@ __all__ = [
 BUILDER_VERSION = "1"  # bump when this file's output changes for the same inputs
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "rack-images" / "rack-os"
-DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "rack-os"
+# The cache of built layers; MESHCLOUD_IMAGE_CACHE moves it (e.g. to keep it across clones).
+DEFAULT_BUILD_DIR = Path(os.environ.get("MESHCLOUD_IMAGE_CACHE") or REPO_ROOT / "build" / "rack-os")
 SUITE = "bookworm"
 SOURCE_DATE_EPOCH = 1767225600  # 2026-01-01T00:00:00Z: every file's time in the image
 IMAGE_NAME = "rack-os.img"
@@ -382,14 +383,35 @@ def build_base(
     return key, tarball
 
 
-def build_wheelhouse(dest: Path, progress: Progress) -> list[str]:
-    """Wheels of meshcloud and its dependencies (built here: same Debian, same Python ABI)."""
+def build_wheelhouse(dest: Path, build_dir: Path, progress: Progress) -> list[str]:
+    """Wheels of meshcloud and its dependencies (built here: same Debian, same Python ABI).
+
+    The dependencies' wheels are cached by a hash of pyproject.toml; only
+    meshcloud's own wheel is built every time.
+    """
+    deps_key = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    deps = build_dir / "wheels" / deps_key
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet"]
+    if not deps.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=f"wheels-{deps_key}-", dir=build_dir))
+        try:
+            run_tool([*pip, "--wheel-dir", str(staging), str(REPO_ROOT)],
+                     on_line=lambda line: progress(f"  pip: {line}"),
+                     what="pip wheel (meshcloud's dependencies)")  # fmt: skip
+            for own in staging.glob("meshcloud-*.whl"):
+                own.unlink()
+            deps.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, deps)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
-    run_tool(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(REPO_ROOT)],
-        on_line=lambda line: progress(f"  pip: {line}"),
-        what="pip wheel (meshcloud and its dependencies)",
-    )
+    # setuptools builds in the source tree's build/lib: a module deleted from the
+    # sources would otherwise linger there and reach the wheel.
+    shutil.rmtree(REPO_ROOT / "build" / "lib", ignore_errors=True)
+    for wheel in deps.glob("*.whl"):
+        shutil.copyfile(wheel, dest / wheel.name)
+    run_tool([*pip, "--no-deps", "--wheel-dir", str(dest), str(REPO_ROOT)],
+             on_line=lambda line: progress(f"  pip: {line}"), what="pip wheel (meshcloud)")  # fmt: skip
     return sorted(p.name for p in dest.glob("*.whl"))
 
 
@@ -406,7 +428,12 @@ def _customize(root: Path, wheels: Path, progress: Progress) -> None:
         [f"{VENV}/bin/python", "-m", "compileall", "-q", "-j", "1",
          "--invalidation-mode", "unchecked-hash", f"{VENV}/lib"],
         ["systemctl", "enable", *UNITS_TO_ENABLE],
-        ["systemctl", "mask", "systemd-networkd-wait-online.service"],
+        # No login on the serial console (no account has a password), so systemd keeps
+        # printing boot status and the daemon's log there; nothing that waits for a
+        # network the rack does not have, or scrubs LVM it does not use.
+        ["systemctl", "mask", "systemd-networkd-wait-online.service",
+         "serial-getty@ttyS0.service", "e2scrub_reap.service", "e2scrub_all.timer",
+         "apt-daily.timer", "apt-daily-upgrade.timer"],
     ]  # fmt: skip
     for argv in steps:
         progress(f"  chroot: {' '.join(argv)}")
@@ -508,7 +535,7 @@ def build_image_layer(build_dir: Path, base: str, tarball: Path, progress: Progr
         progress(f"image layer {key}: unpacking the base layer")
         run_tool(tar_extract_argv(tarball, root), what="tar (base layer)")
         progress("image layer: building wheels of meshcloud and its dependencies")
-        wheels = build_wheelhouse(work / "wheels", progress)
+        wheels = build_wheelhouse(work / "wheels", build_dir, progress)
         progress("image layer: overlay, virtualenv and systemd units")
         _customize(root, work / "wheels", progress)
         packages = dpkg_versions((root / "var" / "lib" / "dpkg" / "status").read_text())

@@ -110,3 +110,23 @@ def test_image_on_the_target_disk_is_refused(tmp_path: Path) -> None:
         (view.sys / "block" / "sdb").resolve()
     )
     assert any("holds the image file" in r for r in reasons_for(view, "sdb", image))
+
+
+def test_flash_checks_again_before_opening(tmp_path: Path) -> None:
+    """Even a device the plan accepted is refused if it became unsafe (never opened)."""
+    from meshcloud.images.bmap import Bmap
+    from meshcloud.images.disklayout import Partition
+    from meshcloud.images.flash import ImageInfo, PlannedDevice, flash_one
+    from meshcloud.images.identity import Identity
+
+    view = machine(tmp_path)
+    image = tmp_path / "img"
+    image.write_bytes(b"x")
+    info = ImageInfo(image, tmp_path / "img.bmap", Bmap(4096, 4096, ()),
+                     Partition(1, 0xDA, 0, 4096, False), "0" * 64)  # fmt: skip
+    missing = tmp_path / "not-a-device"  # if the check failed, opening would fail too
+    stale = PlannedDevice(missing, "rack-1", Target(missing, "sda", (8, 0)), ())
+    ident = Identity("rack-1", "north", "relief", "id", "10.0.0.1", 24, 8440)
+    result = flash_one(info, stale, ident, lambda *_: None, view)
+    assert result.refused and "running system" in result.error
+    assert not missing.exists()
