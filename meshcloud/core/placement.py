@@ -102,6 +102,19 @@ class PlacementInput:
     replica_generations: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     rack_preference: Mapping[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for kind, mapping, attr in (
+            ("rack", self.racks, "name"),
+            ("appliance", self.appliances, "name"),
+            ("assignment", self.assignments, "appliance"),
+        ):
+            for key, value in mapping.items():
+                if key != getattr(value, attr):
+                    raise InvalidInput(
+                        f"placement input: {kind} key {key!r} does not match its name"
+                        f" {getattr(value, attr)!r}"
+                    )
+
 
 @dataclass(frozen=True)
 class PlacementResult:

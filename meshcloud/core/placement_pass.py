@@ -70,7 +70,6 @@ class PlacementPass:
         self.on_rack: dict[str, set[str]] = {n: set() for n in self.eligible}
         self.primary_note = notes  # sentence for a new primary or a wait; kept across passes
         self.causes = causes  # why an appliance had to be placed; kept across passes
-        self.replica_note: dict[str, str] = {}
         self.trimmed: dict[str, set[str]] = {}
         self.replicas: dict[str, tuple[str, ...]] = {}
         self.released = False

@@ -677,3 +677,10 @@ def test_thousand_appliances_on_a_hundred_racks_stay_within_bounds() -> None:
     )
     lost = {n for n, a in r.assignments.items() if a.primary == "rack-3"}
     assert primaries_changed(r.assignments, after.assignments) == lost
+
+
+def test_mapping_keys_must_match_names() -> None:
+    with pytest.raises(InvalidInput, match="rack key 'x' does not match its name 'r1'"):
+        PlacementInput({"x": rack("r1")}, {}, frozenset())
+    with pytest.raises(InvalidInput, match="appliance key"):
+        PlacementInput({}, {"x": app("voip")}, frozenset())
