@@ -14,7 +14,8 @@ Contract, for every implementation:
 * ``snapshot()`` / ``state()`` return the latest *applied* map of this rack,
   immutable, without blocking and without I/O; it only moves forward. A rack
   cut off from the leader serves a stale map: decide liveness from leases,
-  never from the store's status.
+  never from the store's status. After ``propose`` returns, ``state()``
+  already includes the command (read your writes).
 * ``propose(command)`` sends one command (see meshcloud.core.state) through
   the log and returns the result once it is committed and applied here. It
   raises Unavailable if that does not happen within the timeout (no leader,

@@ -276,7 +276,7 @@ class SyncObjStore(PlacementStore):
         s = self.settings
         if role == "voter":
             _check_bindable(s.rack.address, s.rack.raft_port)
-        machine = PlacementMachine()
+        machine = PlacementMachine(on_apply=self._on_apply)
         node = HardenedSyncObj(
             s.address if role == "voter" else None,
             [p for p in peers if p != s.address],
@@ -298,7 +298,13 @@ class SyncObjStore(PlacementStore):
         machine = self._machine
         if machine is None or node is not self._node:
             return
-        current = machine.state
+        self._publish(machine.state)
+
+    def _on_apply(self, state: PlacementState, result: dict[str, Any]) -> None:
+        """Runs in the Raft thread after each command, before its proposer hears back."""
+        self._publish(state)
+
+    def _publish(self, current: PlacementState) -> None:
         published = self._published
         if current is published or current.revision < published.revision:
             return

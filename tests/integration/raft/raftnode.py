@@ -164,6 +164,7 @@ class Engine:
                 "revision": self.store.state().revision,
                 "voters": sorted(self.store.state().voters),
                 "raft_voters": sorted(view.get("voters", [])),
+                "racks": sorted(self.store.state().racks),
                 "connected": sorted(view.get("connected", [])),
             }
         return dict(self.view)

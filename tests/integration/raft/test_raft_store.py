@@ -37,6 +37,8 @@ async def settled(cluster: RaftCluster, voters: int) -> dict[str, dict]:
         statuses = {n.name: await n.status() for n in cluster.nodes if n.running()}
         wanted = {n.id for n in cluster.nodes if n.name in next(iter(statuses.values()))["voters"]}
         for name, status in statuses.items():
+            if set(status["racks"]) != {n.name for n in cluster.nodes}:
+                return None  # a rack has not joined the map yet
             if len(status["voters"]) != voters or set(status["raft_voters"]) != wanted:
                 return None
             node = next(n for n in cluster.nodes if n.name == name)
