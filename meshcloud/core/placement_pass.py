@@ -26,10 +26,6 @@ def _needs(spec: ApplianceSpec) -> str:
     return f"{spec.vcpus} vCPU, {spec.memory_mib} MiB and {spec.disk_gib} GiB"
 
 
-def _ratio(free: int, cap: int) -> float:
-    return free / cap if cap > 0 else 0.0
-
-
 class PlacementPass:
     """One placement pass. Mutable scratch state; the public API stays pure."""
 
@@ -154,10 +150,10 @@ class PlacementPass:
         return rack
 
     def _headroom_entry(self, rack: str) -> tuple[float, float, str, int]:
-        headroom = min(
-            _ratio(self.free_cpu[rack], self.cap_cpu[rack]),
-            _ratio(self.free_mem[rack], self.cap_mem[rack]),
-        )
+        cpu, mem = self.cap_cpu[rack], self.cap_mem[rack]
+        cpu_left = self.free_cpu[rack] / cpu if cpu > 0 else 0.0
+        mem_left = self.free_mem[rack] / mem if mem > 0 else 0.0
+        headroom = cpu_left if cpu_left < mem_left else mem_left
         return (-self.pref[rack], -headroom, rack, self.version[rack])
 
     def _place_primaries(self) -> None:
@@ -192,7 +188,10 @@ class PlacementPass:
         causes: dict[str, str],
     ) -> None:
         name = spec.name
-        holders = sorted(self.copies[name], key=lambda r: (-self._gen(name, r), -self.pref[r], r))
+        copies = self.copies[name]
+        holders = (
+            sorted(copies, key=lambda r: (-self._gen(name, r), -self.pref[r], r)) if copies else []
+        )
         skipped: list[str] = []
         for rack in holders:
             if self.free_cpu[rack] >= spec.vcpus and self.free_mem[rack] >= spec.memory_mib:
