@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
+from meshcloud.agent.cluster import Membership, load_formation
+from meshcloud.agent.control import StoreControl
 from meshcloud.config import DaemonConfig
+from meshcloud.discovery import Discovery
+from meshcloud.raft.store import PlacementStore
 from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.auth import api_token
 
@@ -25,15 +30,34 @@ class Daemon:
         self.cfg = cfg
         self.secret = secret
         self.stopping = asyncio.Event()
+        self.store: PlacementStore | None = None
+        self.discovery = Discovery.from_config(cfg, secret, load_formation(cfg.state_dir))
+        self.membership = Membership(cfg, secret, self.discovery)
+        self.control = StoreControl(cfg.rack.name, lambda: self.membership.reason)
         self.web_context = WebContext(
-            rack=cfg.rack.name, site=cfg.rack.site, api_token=api_token(secret), status=self.status
+            rack=cfg.rack.name,
+            site=cfg.rack.site,
+            api_token=api_token(secret),
+            control=self.control,
+            status=self.status,
         )
+        self._tasks: list[asyncio.Task[None]] = []
 
     def status(self) -> dict[str, Any]:
-        return {"state": "running"}
+        """What /api/v1/health adds: formation progress and the store's view (hints)."""
+        doc: dict[str, Any] = {
+            "formed": self.discovery.status.formed,
+            "formation": self.membership.reason,
+            "peers": sorted(self.discovery.peers),
+        }
+        if self.store is not None:
+            st = self.store.status()
+            doc.update(leader=st.leader, role=st.role, revision=st.revision)
+        return doc
 
     async def _start_web(self, stack: AsyncExitStack) -> None:
         app = create_app(self.web_context)
+        self.discovery.add_routes(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -42,11 +66,48 @@ class Daemon:
         await site.start()
         log.info("API listening on %s:%d", net.bind_address, net.api_port)
 
+    async def _join_cluster(self) -> None:
+        store = await self.membership.establish()
+        self.store = store
+        self.control.attach(store)
+        cluster_uuid = self.discovery.status.cluster_uuid
+        log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
+        await self.membership.publish_loop(store)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed: %s; stopping the daemon", task.get_name(), exc, exc_info=exc)
+            self.stopping.set()
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _stop_store(self) -> None:
+        if self.store is not None:
+            await self.store.stop()
+
     async def run(self) -> None:
         """Run until ``stopping`` is set (SIGTERM/SIGINT)."""
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         async with AsyncExitStack() as stack:
             await self._start_web(stack)
+            await self.discovery.start()
+            stack.push_async_callback(self.discovery.stop)
+            stack.push_async_callback(self._stop_store)
+            stack.push_async_callback(self.control.close)
+            stack.push_async_callback(self._stop_tasks)
+            self._spawn(self._join_cluster(), "cluster")
             log.info("rack %s (site %s) started", self.cfg.rack.name, self.cfg.rack.site)
             await self.stopping.wait()
             log.info("rack %s stopping", self.cfg.rack.name)
@@ -56,6 +117,7 @@ def run_daemon(cfg: DaemonConfig) -> None:
     """Entry point of `meshcloud daemon`: refuses to start without a good secret."""
     secret = cfg.read_secret()
     os.umask(0o077)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def main() -> None:
         daemon = Daemon(cfg, secret)

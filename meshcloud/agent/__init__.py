@@ -1,0 +1,1 @@
+"""The rack's control loops: read a snapshot, decide in core, act through adapters."""
