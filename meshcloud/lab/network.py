@@ -3,7 +3,8 @@
 Layout (see docs/lab.md)::
 
     mcl-<lab>-net    labbr0 (10.77.0.254/24, the observer), veth-r1 .. veth-rN
-    mcl-<lab>-rN     mesh0 (10.77.0.N/24) <-> veth-rN, lo, mcbr0 (appliances), ifb0
+    mcl-<lab>-rN     mesh0 (10.77.0.N/24, no default route) <-> veth-rN,
+                     lo, mcbr0 (appliances), ifb0 (only while shaped)
 
 Nothing is created in the root namespace: veth ends are born in their
 namespaces.
@@ -45,6 +46,8 @@ def create_bridge_netns(ns: str) -> None:
     """The lab's bridge namespace: ``labbr0`` up, multicast flooded, observer address."""
     netns.delete_netns(ns)
     netns.add_netns(ns)
+    # The observer routes nothing: racks' traffic can only ever reach the lab.
+    _sysctl(ns, "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
     netns.add_bridge(plan.BRIDGE_IFNAME, netns=ns)
     # No IGMP querier exists in the lab: snooping would stop multicast after
     # the membership timeout. Flood multicast to every port instead.
@@ -80,6 +83,8 @@ def create_rack_netns(bridge_ns: str, ns: str, port: str, ip: str, mac: str) -> 
     netns.add_address(plan.RACK_IFNAME, f"{ip}/{plan.SUBNET.prefixlen}", ns)
     netns.set_up(plan.RACK_IFNAME, netns=ns)
     netns.run(netns.ip("route", "add", "224.0.0.0/4", "dev", plan.RACK_IFNAME, netns=ns))
+    # No default route: anything outside the lab (a DNS server, the internet)
+    # fails at once with ENETUNREACH instead of timing out.
     netns.add_bridge(plan.APPLIANCE_BRIDGE, netns=ns)
 
 

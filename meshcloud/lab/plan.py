@@ -9,7 +9,8 @@ IP plan (every lab has its own bridge namespace, so labs may overlap)::
     10.77.0.N           rack rN (N = 1..250) on its interface ``mesh0``
     10.77.0.254         the observer: the lab bridge's own address, in the
                         bridge namespace; it reaches every live rack and is
-                        never partitioned (probes, checkers, tests)
+                        never partitioned (probes, checkers, tests); it
+                        forwards nothing. Racks have no default route.
 """
 
 from __future__ import annotations

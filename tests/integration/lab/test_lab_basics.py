@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,21 +117,25 @@ def test_down_cleans_up_after_a_crashed_lab(lab_factory) -> None:  # type: ignor
         assert stat is None or stat[0] == "Z"
 
 
-def test_labs_of_a_dead_test_run_are_reaped() -> None:
+def test_labs_of_a_dead_test_run_are_reaped(tmp_path: Path) -> None:
     from meshcloud.lab.pytest_plugin import lab_unavailable
 
     if lab_unavailable():
         pytest.skip(lab_unavailable())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lab = Lab("tdead" + os.urandom(2).hex()[:3])
+    # A private root: other test sessions reap dead owners' labs in the shared root too.
+    lab = Lab("tdead" + os.urandom(2).hex()[:3], root=tmp_path)
+    alive = Lab("tlive" + os.urandom(2).hex()[:3], root=tmp_path)
     try:
         lab.up(1, daemon_argv=standin_daemon_argv(), owner_pid=dead.pid)
-        assert lab.name in reap_orphan_labs()
-        assert not lab.exists()
+        alive.up(1, daemon_argv=standin_daemon_argv(), owner_pid=os.getpid())
+        assert reap_orphan_labs(tmp_path) == [lab.name]
+        assert not lab.exists() and alive.exists()
         assert not netns.netns_exists(plan.rack_netns(lab.name, "r1"))
     finally:
         lab.down()
+        alive.down()
 
 
 def test_a_lab_never_touches_another_labs_namespaces(lab_factory) -> None:  # type: ignore[no-untyped-def]
@@ -152,3 +157,54 @@ def test_socket_belongs_to_the_rack_namespace(lab_factory) -> None:  # type: ign
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with s:
             s.bind((lab.rack("r1").ip, 0))
+
+
+MDNS_REGISTER = """
+import socket, sys, time
+from zeroconf import ServiceInfo, Zeroconf
+zc = Zeroconf(interfaces=[sys.argv[1]])
+info = ServiceInfo("_mcltest._tcp.local.", "rack-one._mcltest._tcp.local.",
+                   addresses=[socket.inet_aton(sys.argv[1])], port=9, properties={"rack": "r1"})
+zc.register_service(info)
+print("registered", flush=True)
+time.sleep(600)
+"""
+
+MDNS_BROWSE = """
+import sys, threading
+from zeroconf import ServiceBrowser, Zeroconf
+found = threading.Event()
+class Listener:
+    def add_service(self, zc, type_, name):
+        found.set()
+    def update_service(self, zc, type_, name):
+        pass
+    def remove_service(self, zc, type_, name):
+        pass
+zc = Zeroconf(interfaces=[sys.argv[1]])
+browser = ServiceBrowser(zc, "_mcltest._tcp.local.", Listener())
+ok = found.wait(10)
+records = zc.cache.entries_with_name("rack-one._mcltest._tcp.local.")
+print("found" if ok else "none", " ".join(sorted(repr(r) for r in records)))
+zc.close()
+"""
+
+
+@pytest.mark.lab(racks=2, standin=True)
+def test_mdns_works_between_racks(lab: Lab) -> None:
+    announcer = lab.popen(
+        "r1",
+        [sys.executable, "-c", MDNS_REGISTER, lab.rack("r1").ip],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert announcer.stdout is not None and announcer.stdout.readline() == "registered\n"
+        out = lab.exec(
+            "r2", [sys.executable, "-c", MDNS_BROWSE, lab.rack("r2").ip], timeout=30
+        ).stdout
+        # A browser that starts after the announcements asks, and r1 answers.
+        assert out.startswith("found") and "data=10.77.0.1" in out and "rack=r1" in out, out
+    finally:
+        announcer.kill()
+        announcer.wait()
