@@ -10,8 +10,11 @@ Baseline, same data, same run: a placer without memory, which re-places the
 post-loss cluster from scratch with the same rules (what a scheduler that
 ignores current assignments would do): its time and its moves.
 
-Headline: ``place_ms_1000x100`` is the p99 of the initial placement time in
-milliseconds; ``moves_over_lower_bound`` is the worst ratio over all trials.
+Headline: ``place_ms_1000x100`` is the p99 over trials of the initial placement's
+wall time in milliseconds, one run per trial; ``moves_over_lower_bound`` is the
+worst ratio over all trials. The results also hold the CPU time and the best of
+three runs per trial: on a shared, busy machine they show the code's own cost
+when other processes inflate the wall time.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def main() -> int:
     base_seed = 20261122
     initial_ms: list[float] = []
     initial_cpu_ms: list[float] = []
+    initial_best_ms: list[float] = []
     loss_cpu_ms: list[float] = []
     load_at_start = load_average()
     loss_ms: list[float] = []
@@ -147,6 +151,11 @@ def main() -> int:
         first = dict(res.assignments)
         initial_ms.append(ms)
         initial_cpu_ms.append(cpu)
+        repeats = [ms]
+        for _ in range(2):
+            gc.collect()
+            repeats.append(time_wall_cpu_ms(partial(place, state))[0])
+        initial_best_ms.append(min(repeats))
         violations += capacity_violations(state, first)
         waiting_initial.append(sum(a.state is ApplianceState.WAITING for a in first.values()))
 
@@ -183,6 +192,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "initial_place_ms": initial,
         "initial_place_cpu_ms": distribution(initial_cpu_ms),
+        "initial_place_best_of_3_ms": distribution(initial_best_ms),
         "rack_lost_place_ms": loss,
         "rack_lost_place_cpu_ms": distribution(loss_cpu_ms),
         "moves": distribution(moves),
@@ -227,6 +237,7 @@ def main() -> int:
         [
             ("initial placement", fmt_dist(initial, "ms")),
             ("  (CPU time)", fmt_dist(results["initial_place_cpu_ms"], "ms")),
+            ("  (best of 3 runs)", fmt_dist(results["initial_place_best_of_3_ms"], "ms")),
             ("after one rack lost", fmt_dist(loss, "ms")),
             ("  (CPU time)", fmt_dist(results["rack_lost_place_cpu_ms"], "ms")),
             (
