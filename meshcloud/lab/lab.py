@@ -77,6 +77,7 @@ class RackInfo:
     state_dir: Path
     config_path: Path
     log_dir: Path
+    ssh_dir: Path  # sshd_config, host key, authorized_keys (append keys here)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class Lab:
             state_dir=self.state_dir(rack),
             config_path=self.config_path(rack),
             log_dir=self.log_dir(rack),
+            ssh_dir=self.rack_dir(rack) / "ssh",
         )
 
     def pid(self, rack: str, service: str = "daemon") -> int | None:
@@ -295,6 +297,7 @@ class Lab:
                 bootstrap_expect=expect,
                 default_link=str(spec),
                 owner_pid=owner_pid,
+                owner_starttime=_starttime(owner_pid),
             )
             try:
                 self._write_lab_files()
@@ -362,7 +365,7 @@ class Lab:
             _keygen(host_key, f"{self.name}-{name}")
         shutil.copyfile(self.ssh_key.with_suffix(".pub"), ssh_dir / "authorized_keys")
         (ssh_dir / "sshd_config").write_text(
-            plan.sshd_config(rack.ip, ssh_dir, rack_dir / "run" / "sshd.pid")
+            plan.sshd_config(rack.ip, ssh_dir, rack_dir / "run" / "sshd.pid", self.state_dir(name))
         )
         self._write_daemon_config(state, rack)
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -783,6 +786,11 @@ def _rank(service: str) -> tuple[int, str]:
 
 def _ordered(services: dict[str, list[str]]) -> list[str]:
     return sorted(services, key=_rank)
+
+
+def _starttime(pid: int | None) -> int | None:
+    stat = procs.proc_stat(pid) if pid is not None else None
+    return stat[1] if stat else None
 
 
 def _keygen(path: Path, comment: str) -> None:

@@ -177,14 +177,22 @@ def heal_ruleset() -> str:
     return f"table bridge {PARTITION_TABLE} {{}}\ndelete table bridge {PARTITION_TABLE}\n"
 
 
-def sshd_config(ip: str, ssh_dir: Path, pid_file: Path) -> str:
-    """The rack's sshd_config: its own host key, its lab address only, keys only."""
+def sshd_config(ip: str, ssh_dir: Path, pid_file: Path, state_dir: Path | None = None) -> str:
+    """The rack's sshd_config: its own host key, its lab address only, keys only.
+
+    Keys are read from ``ssh_dir/authorized_keys`` (the lab's key) and, if
+    ``state_dir`` is given, from ``state_dir/ssh/authorized_keys`` (keys the
+    rack's own software installs, e.g. restricted replication keys).
+    """
+    key_files = [str(ssh_dir / "authorized_keys")]
+    if state_dir is not None:
+        key_files.append(str(state_dir / "ssh" / "authorized_keys"))
     return "\n".join(
         [
             "# written by meshcloud lab; one sshd per rack, inside the rack's namespace",
             f"ListenAddress {ip}:{SSH_PORT}",
             f"HostKey {ssh_dir / 'ssh_host_ed25519_key'}",
-            f"AuthorizedKeysFile {ssh_dir / 'authorized_keys'}",
+            f"AuthorizedKeysFile {' '.join(key_files)}",
             f"PidFile {pid_file}",
             "PermitRootLogin prohibit-password",
             "PasswordAuthentication no",

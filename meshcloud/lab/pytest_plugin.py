@@ -59,7 +59,8 @@ def reap_orphan_labs(root: Path | None = None) -> list[str]:
             continue
         if state is None or state.owner_pid is None:
             continue
-        if procs.proc_stat(state.owner_pid) is None:
+        stat = procs.proc_stat(state.owner_pid)
+        if stat is None or (state.owner_starttime is not None and stat[1] != state.owner_starttime):
             Lab(name, root).down()
             reaped.append(name)
     return reaped

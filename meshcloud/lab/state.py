@@ -64,6 +64,7 @@ class LabState:
     bootstrap_expect: int
     default_link: str = ""
     owner_pid: int | None = None
+    owner_starttime: int | None = None  # with owner_pid: survives pid reuse
     partition: list[list[str]] | None = None
     racks: dict[str, RackState] = field(default_factory=dict)
     version: int = STATE_VERSION

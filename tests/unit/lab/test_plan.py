@@ -115,3 +115,11 @@ def test_daemon_command_placeholders() -> None:
         plan.expand_argv([], values)
     # Placeholders never split or join arguments: a value with spaces stays one argument.
     assert plan.expand_argv(["{config}"], {"config": "a b; c"}) == ["a b; c"]
+
+
+def test_sshd_also_reads_keys_the_rack_installs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    text = plan.sshd_config("10.77.0.4", tmp_path / "ssh", tmp_path / "pid", tmp_path / "state")
+    assert (
+        f"AuthorizedKeysFile {tmp_path}/ssh/authorized_keys {tmp_path}/state/ssh/authorized_keys"
+        in text
+    )
