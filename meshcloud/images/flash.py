@@ -27,10 +27,11 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,12 @@ class _Device:
     def read_into(self, length: int, offset: int) -> memoryview:
         """Read ``length`` bytes at ``offset`` into the aligned buffer (bypassing the cache)."""
         view = memoryview(self.buffer)[:length]
+        self.pread_into(view, offset)
+        return view
+
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` (page-aligned) from ``offset``, with O_DIRECT where it applies."""
+        length = len(view)
         fd = self.direct_fd if (length % ALIGN == 0 and offset % ALIGN == 0) else None
         got = 0
         while got < length:
@@ -252,7 +259,6 @@ class _Device:
             if n <= 0:
                 raise FlashError(f"{self.path}: unexpected end of device at byte {offset + got}")
             got += n
-        return view
 
     def flush(self) -> None:
         flush_buffers(self.fd)
@@ -262,52 +268,142 @@ def _range_label(r: BmapRange, start: int, length: int) -> str:
     return f"blocks {r.first}-{r.last} (bytes {start}-{start + length - 1})"
 
 
+@dataclass
+class _Chunk:
+    """One chunk read ahead: its buffer, place, and the range's digest if it ends the range."""
+
+    buf: mmap.mmap
+    pos: int
+    size: int
+    ends: BmapRange | None = None
+    digest: str = ""
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.size]
+
+
+class _ReadAhead:
+    """Reads the mapped ranges chunk by chunk in a background thread, a few chunks ahead.
+
+    Reading (and, with ``hash_ranges``, hashing) overlaps with what the
+    caller does with the previous chunk: writing it, or hashing it.
+    Buffers are page-aligned (mmap) for O_DIRECT; the caller gives each
+    chunk back with :meth:`release`.
+    """
+
+    def __init__(
+        self, read: Callable[[memoryview, int], None], bmap: Bmap, hash_ranges: bool, depth: int = 4
+    ) -> None:
+        self.read = read
+        self.bmap = bmap
+        self.hash_ranges = hash_ranges
+        self.free: queue.Queue[mmap.mmap | None] = queue.Queue()
+        for _ in range(depth):
+            self.free.put(mmap.mmap(-1, CHUNK_BYTES))
+        self.ready: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="flash-read-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for r, start, length in self.bmap.spans():
+                digest = hashlib.sha256() if self.hash_ranges else None
+                pos, end = start, start + length
+                while pos < end:
+                    buf = self.free.get()
+                    if buf is None:
+                        return  # closed
+                    chunk = _Chunk(buf, pos, min(CHUNK_BYTES, end - pos))
+                    with chunk.view as view:
+                        self.read(view, pos)
+                        if digest is not None:
+                            digest.update(view)
+                    pos += chunk.size
+                    if pos >= end:
+                        chunk.ends = r
+                        chunk.digest = digest.hexdigest() if digest is not None else ""
+                    self.ready.put(chunk)
+            self.ready.put(None)
+        except BaseException as exc:  # handed to the caller, raised there
+            self.ready.put(exc)
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, chunk: _Chunk) -> None:
+        self.free.put(chunk.buf)
+
+    def close(self) -> None:
+        self.free.put(None)
+        self.thread.join()
+
+
 def write_ranges(image: ImageInfo, dev: _Device, on_bytes: Callable[[int], None]) -> int:
-    """Write every mapped range, checking each range's SHA-256 as it streams; return bytes."""
+    """Write every mapped range, checking each range's SHA-256 as it streams; return bytes.
+
+    A background thread reads and hashes the image a few chunks ahead of the writes.
+    """
     written = 0
-    src_buf = mmap.mmap(-1, CHUNK_BYTES)  # page-aligned, as O_DIRECT writes need
     with open(image.path, "rb", buffering=0) as src:
-        src_fd = src.fileno()
-        for r, start, length in image.bmap.spans():
-            digest = hashlib.sha256()
-            pos = start
-            while pos < start + length:
-                n = min(CHUNK_BYTES, start + length - pos)
-                view = memoryview(src_buf)[:n]
-                got = os.preadv(src_fd, [view], pos)
-                if got != n:
-                    raise FlashError(f"{image.path}: short read at byte {pos}")
-                digest.update(view)
-                dev.write(view, pos)
-                pos += n
-                written += n
+
+        def read(view: memoryview, pos: int) -> None:
+            if os.preadv(src.fileno(), [view], pos) != len(view):
+                raise FlashError(f"{image.path}: short read at byte {pos}")
+
+        ahead = _ReadAhead(read, image.bmap, hash_ranges=True)
+        try:
+            for chunk in ahead:
+                with chunk.view as view:
+                    dev.write(view, chunk.pos)
+                ahead.release(chunk)
+                written += chunk.size
                 on_bytes(written)
-            if digest.hexdigest() != r.sha256:
-                raise FlashError(
-                    f"image {_range_label(r, start, length)} does not match its checksum in"
-                    f" {image.bmap_path.name}: the image file is corrupt; copy it again"
-                    " or rebuild it"
-                )
+                r = chunk.ends
+                if r is not None and chunk.digest != r.sha256:
+                    start, length = r.byte_span(image.bmap.block_bytes, image.bmap.image_bytes)
+                    raise FlashError(
+                        f"image {_range_label(r, start, length)} does not match its checksum in"
+                        f" {image.bmap_path.name}: the image file is corrupt; copy it again"
+                        " or rebuild it"
+                    )
+        finally:
+            ahead.close()
     return written
 
 
 def verify_ranges(image: ImageInfo, dev: _Device, on_bytes: Callable[[int], None]) -> None:
-    """Read every mapped range back from the device and compare with the bmap's SHA-256."""
+    """Read every mapped range back from the device and compare with the bmap's SHA-256.
+
+    A background thread reads (O_DIRECT, past the cache) while this one hashes.
+    """
     done = 0
-    for r, start, length in image.bmap.spans():
-        digest = hashlib.sha256()
-        pos = start
-        while pos < start + length:
-            n = min(CHUNK_BYTES, start + length - pos)
-            digest.update(dev.read_into(n, pos))
-            pos += n
-            done += n
+    digest = hashlib.sha256()
+    ahead = _ReadAhead(dev.pread_into, image.bmap, hash_ranges=False)
+    try:
+        for chunk in ahead:
+            with chunk.view as view:
+                digest.update(view)
+            ahead.release(chunk)
+            done += chunk.size
             on_bytes(done)
-        if digest.hexdigest() != r.sha256:
-            raise FlashError(
-                f"{dev.path}: read-back of {_range_label(r, start, length)} differs from the"
-                " image: the device does not hold what was written (failing medium?)"
-            )
+            r = chunk.ends
+            if r is not None:
+                if digest.hexdigest() != r.sha256:
+                    start, length = r.byte_span(image.bmap.block_bytes, image.bmap.image_bytes)
+                    raise FlashError(
+                        f"{dev.path}: read-back of {_range_label(r, start, length)} differs from"
+                        " the image: the device does not hold what was written (failing medium?)"
+                    )
+                digest = hashlib.sha256()
+    finally:
+        ahead.close()
 
 
 def write_identity(image: ImageInfo, dev: _Device, identity: Identity) -> None:

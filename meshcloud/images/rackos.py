@@ -443,6 +443,11 @@ def _customize(root: Path, wheels: Path, progress: Progress) -> None:
     os.chmod(root / "etc" / "meshcloud", 0o700)
     for key in (root / "etc" / "ssh").glob("ssh_host_*"):
         key.unlink()  # every rack makes its own host keys on first boot
+    # libvirt's "default" NAT network (virbr0, 192.168.122.0/24) has no place on a
+    # mesh rack: appliances use meshcloud's own bridge.
+    (root / "etc" / "libvirt" / "qemu" / "networks" / "autostart" / "default.xml").unlink(
+        missing_ok=True
+    )
     for cache in (root / "var" / "cache" / "apt").glob("*.bin"):
         cache.unlink()
     (root / "etc" / "machine-id").write_text("")  # systemd makes one per rack on first boot
