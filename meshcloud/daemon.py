@@ -14,7 +14,9 @@ from aiohttp import web
 
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
+from meshcloud.agent.lease import LeaseKeeper
 from meshcloud.config import DaemonConfig
+from meshcloud.core.leases import LeaseTimers
 from meshcloud.discovery import Discovery
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.app import WebContext, create_app
@@ -31,6 +33,7 @@ class Daemon:
         self.secret = secret
         self.stopping = asyncio.Event()
         self.store: PlacementStore | None = None
+        self.lease: LeaseKeeper | None = None
         self.discovery = Discovery.from_config(cfg, secret, load_formation(cfg.state_dir))
         self.membership = Membership(cfg, secret, self.discovery)
         self.control = StoreControl(cfg.rack.name, lambda: self.membership.reason)
@@ -69,7 +72,12 @@ class Daemon:
     async def _join_cluster(self) -> None:
         store = await self.membership.establish()
         self.store = store
-        self.control.attach(store)
+        t = self.cfg.timers
+        self.lease = LeaseKeeper(
+            self.cfg.rack.name, store, LeaseTimers(t.renew_s, t.lease_s, t.margin_s)
+        )
+        self._spawn(self.lease.run(), "lease")
+        self.control.attach(store, self.lease)
         cluster_uuid = self.discovery.status.cluster_uuid
         log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
         await self.membership.publish_loop(store)

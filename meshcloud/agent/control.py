@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from meshcloud.agent.lease import LeaseKeeper
 from meshcloud.core.errors import NotFound, Unavailable
 from meshcloud.core.events import Event
 from meshcloud.core.models import ApplianceSpec, ClusterSnapshot
@@ -22,14 +23,16 @@ class StoreControl:
     def __init__(self, rack: str, formation_reason: Callable[[], str]) -> None:
         self.rack = rack
         self.store: PlacementStore | None = None
+        self.lease: LeaseKeeper | None = None
         self.formation_reason = formation_reason
         self.bus = Broadcaster()
         self.local_events: list[Event] = []
         self._watcher: asyncio.Task[None] | None = None
 
-    def attach(self, store: PlacementStore) -> None:
+    def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
         self.store = store
+        self.lease = lease
         self._watcher = asyncio.create_task(self._watch(), name="control-watch")
 
     async def close(self) -> None:
@@ -68,15 +71,25 @@ class StoreControl:
         if store is None:
             return {"formed": False, "reason": self.formation_reason(), "racks": {}}
         status = store.status()
-        members = {m.name: m for m in status.members}
-        racks = {
-            name: {
-                "state": "member" if name in members or name == self.rack else "unknown",
-                "voter": name in store.state().voters,
+        state = store.state()
+        silent = self.lease.silent_for() if self.lease is not None else {}
+        alive = self.lease.alive() if self.lease is not None else None
+        racks: dict[str, Any] = {}
+        for name in state.racks:
+            # only the leader judges liveness; other racks just list members
+            rack_state = "member" if alive is None else "alive" if name in alive else "lost"
+            racks[name] = {
+                "state": rack_state,
+                "voter": name in state.voters,
+                "lease_age_s": round(silent[name], 3) if name in silent else None,
             }
-            for name in store.state().racks
+        own = self.lease.expires_in() if self.lease is not None else None
+        return {
+            "formed": True,
+            "store": status.to_dict(),
+            "racks": racks,
+            "own_lease_s": round(own, 3) if own is not None else None,
         }
-        return {"formed": True, "store": status.to_dict(), "racks": racks}
 
     def leader(self) -> str | None:
         return self.store.status().leader if self.store is not None else None
