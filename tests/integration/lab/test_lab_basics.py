@@ -87,6 +87,9 @@ def test_down_leaves_no_namespace_link_or_process(lab_factory) -> None:  # type:
     status = lab.status()
     pids = [p.pid for r in status.racks for p in r.processes] + [extra.pid]
     assert any(p.name == "shaper" for r in status.racks for p in r.processes)
+    # Nothing of the lab lives in the root namespace: no root link has an end in the lab.
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"mcl-{lab.name}-" not in root_links
     lab.down()
     assert extra.wait(timeout=10) is not None
     for pid in pids:
@@ -94,8 +97,6 @@ def test_down_leaves_no_namespace_link_or_process(lab_factory) -> None:  # type:
     pattern = plan.netns_pattern(lab.name)
     assert [ns for ns in netns.list_netns() if pattern.match(ns)] == []
     assert not lab.dir.exists()
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert "veth-r" not in links and "mesh0" not in links
 
 
 def test_down_cleans_up_after_a_crashed_lab(lab_factory) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshcloud.core.errors import Conflict, InvalidInput
-from meshcloud.lab import netns
+from meshcloud.lab import netns, procs
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.wait import wait_for
 
@@ -35,12 +35,19 @@ def test_kill_is_a_silent_power_cut_and_restart_brings_the_rack_back(lab: Lab) -
     marker = r1.state_dir / "kept-across-power-cuts"
     marker.write_text("journal")
     vm = lab.popen("r1", [sys.executable, "-c", COUNTER, str(r1.rack_dir / "counter")])
+    # A real QEMU that daemonized itself: the lab never saw its pid, the kill must find it.
+    qemu_pidfile = r1.rack_dir / "qemu.pid"
+    lab.exec("r1", ["qemu-system-x86_64", "-machine", "none", "-display", "none", "-S",
+                    "-daemonize", "-pidfile", str(qemu_pidfile)])  # fmt: skip
+    qemu_pid = int(qemu_pidfile.read_text())
+    assert procs.proc_stat(qemu_pid) is not None
     to_r1 = _echo_connection(lab, "r2", "r1")
     to_r3 = _echo_connection(lab, "r2", "r3")
     try:
         lab.kill("r1")
         # Every process of the rack is dead, the QEMU stand-in included.
         assert vm.wait(timeout=10) is not None
+        assert procs.proc_stat(qemu_pid) is None or procs.proc_stat(qemu_pid)[0] == "Z"  # type: ignore[index]
         assert lab.pid("r1") is None and lab.pid("r1", "sshd") is None
         assert not netns.netns_exists(r1.netns)
         # The peer hears nothing: no FIN, no RST, within a generous bound.
