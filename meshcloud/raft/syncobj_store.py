@@ -28,7 +28,7 @@ import pickle
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -459,8 +459,11 @@ class SyncObjStore(PlacementStore):
                      "max_voters": s.max_voters, "voters": [name]}
                 )  # fmt: skip
             return
-        if state.racks.get(name) != s.rack:
-            await self._try({"op": "rack_join", "rack": s.rack.to_dict()})
+        current = state.racks.get(name)
+        # drained is the operators' to set (API drain/undrain): a rejoin keeps it
+        wanted = s.rack if current is None else replace(s.rack, drained=current.drained)
+        if current != wanted:
+            await self._try({"op": "rack_join", "rack": wanted.to_dict()})
             return
         wanted_voter = name in state.voters
         if self._role == "follower" and wanted_voter:
