@@ -254,6 +254,8 @@ def main() -> int:
                             "seconds": rep_.freeze_s + rep_.ship_s,
                             "cycle_seconds": secs,
                             "freeze_seconds": rep_.freeze_s,
+                            "rsync_seconds": rep_.shipped["rack-b"].push_s,
+                            "commit_seconds": rep_.shipped["rack-b"].commit_s,
                             "source_read_bytes": read,
                             "source_rchar_bytes": rchar,
                             "bytes_sent": sent,

@@ -36,8 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshcloud.core.errors import Conflict, MeshcloudError
+from meshcloud.core.errors import MeshcloudError
 from meshcloud.core.names import validate_name
+from meshcloud.replication.manifest import StaleEpoch
 from meshcloud.replication.schedule import TransferItem, order_transfers
 from meshcloud.replication.source import (
     ApplianceSource,
@@ -81,6 +82,7 @@ class _State:
     fenced_epoch: int | None = None
     last_report: CycleReport | None = None
     bytes_sent: dict[str, int] = field(default_factory=dict)
+    push_s: dict[str, float] = field(default_factory=dict)
     cycles: int = 0
     failures: int = 0
 
@@ -234,7 +236,7 @@ class ReplicationEngine:
     def _run_cycle(self, duty: ReplicationDuty) -> None:
         try:
             self.cycle_now(duty.appliance, duty)
-        except Conflict as exc:
+        except StaleEpoch as exc:
             with self._lock:
                 self._states[duty.appliance].fenced_epoch = duty.epoch
             self._emit(f"{duty.appliance}: replication stopped under epoch {duty.epoch}: {exc}")
@@ -254,6 +256,7 @@ class ReplicationEngine:
             st.cycles += 1
             for rack, ship in report.shipped.items():
                 st.bytes_sent[rack] = st.bytes_sent.get(rack, 0) + ship.bytes_sent
+                st.push_s[rack] = st.push_s.get(rack, 0.0) + ship.push_s
         if report.errors or any(s.seeded for s in report.shipped.values()):
             self._emit(report.reason)
         return report
@@ -311,6 +314,14 @@ class ReplicationEngine:
             except MeshcloudError:
                 continue
         return out
+
+    def transfer_stats(self) -> dict[str, dict[str, tuple[int, float]]]:
+        """``{appliance: {rack: (bytes sent, seconds spent in rsync)}}`` since start."""
+        with self._lock:
+            return {
+                name: {r: (st.bytes_sent[r], st.push_s.get(r, 0.0)) for r in st.bytes_sent}
+                for name, st in self._states.items()
+            }
 
     def metrics_text(self, now: float | None = None) -> str:
         """Prometheus text lines for ``/metrics``."""

@@ -38,6 +38,10 @@ _GEN_FILE_RE = re.compile(r"^g([0-9]{12})\.qcow2$")
 _CHECKSUM_RE = re.compile(r"^sha1:[0-9a-f]{40}$")
 
 
+class StaleEpoch(Conflict):
+    """A request named an epoch older than one this rack has seen: the sender was fenced."""
+
+
 class Role(StrEnum):
     PRIMARY = "primary"  # runs the appliance, freezes and ships generations
     REPLICA = "replica"  # receives and stacks generations
@@ -499,7 +503,7 @@ def _trim(history: Sequence[GenerationRecord], keep_from: int) -> tuple[Generati
 def check_epoch(manifest: Manifest, epoch: int, what: str) -> None:
     """Raise Conflict if ``epoch`` is older than the highest this rack has seen."""
     if epoch < manifest.epoch:
-        raise Conflict(
+        raise StaleEpoch(
             f"{what} for {manifest.appliance} names epoch {epoch}, but this rack has seen"
             f" epoch {manifest.epoch}: the sender was fenced; it must stop and re-read the"
             " placement map"

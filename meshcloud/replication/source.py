@@ -46,7 +46,13 @@ from meshcloud.core.errors import (
 )
 from meshcloud.core.names import validate_name
 from meshcloud.replication import manifest as mf
-from meshcloud.replication.manifest import DiskDelta, GenerationRecord, Manifest, Role
+from meshcloud.replication.manifest import (
+    DiskDelta,
+    GenerationRecord,
+    Manifest,
+    Role,
+    StaleEpoch,
+)
 from meshcloud.replication.qemu import create_blank_argv, create_overlay_named_argv, flatten_argv
 from meshcloud.replication.runner import ProcessRunner
 from meshcloud.replication.schedule import replication_lag_s
@@ -107,6 +113,8 @@ class ShipReport:
     files: int = 0
     seconds: float = 0.0
     seeded: bool = False
+    push_s: float = 0.0  # rsync time
+    commit_s: float = 0.0  # replica's commit (checksum, stack, durable manifest) round trip
 
 
 @dataclass
@@ -186,9 +194,12 @@ class Transport:
                     raise
         if reply.get("ok"):
             return reply
-        kind = {"Conflict": Conflict, "NotFound": NotFound, "InvalidInput": InvalidInput}.get(
-            str(reply.get("error")), ReplicationError
-        )
+        kind = {
+            "StaleEpoch": StaleEpoch,
+            "Conflict": Conflict,
+            "NotFound": NotFound,
+            "InvalidInput": InvalidInput,
+        }.get(str(reply.get("error")), ReplicationError)
         raise kind(f"rack {link.rack}: {reply.get('message', 'refused')}")
 
     def _session(self, link: ReplicaLink) -> _Session:
@@ -494,7 +505,7 @@ class ApplianceSource:
             if status is None:
                 return self.seed(link, epoch, on_progress=on_progress)
             if status["epoch"] > epoch:
-                raise Conflict(
+                raise StaleEpoch(
                     f"rack {link.rack} has seen epoch {status['epoch']} for {self.appliance},"
                     f" this rack runs it under {epoch}: stop; this rack was fenced"
                 )
@@ -528,7 +539,9 @@ class ApplianceSource:
         deltas: list[DiskDelta] = []
         for disk in m.disk_names:
             local = self.volume.outbox_file(disk, gen)
+            t0 = time.monotonic()
             result = self.transport.push(link, local, remote_disk_dir(self.appliance, disk))
+            report.push_s += time.monotonic() - t0
             report.bytes_sent += result.bytes_sent
             report.files += 1
             checksum = next((c for _, c in result.files.values() if c), "")
@@ -550,7 +563,9 @@ class ApplianceSource:
             "parent": list(parent),
             "record": record.to_dict(),
         }
+        t0 = time.monotonic()
         self.transport.call(link, ["commit"], request)
+        report.commit_s += time.monotonic() - t0
         self._acknowledge(link.rack, gen)
         report.to_generation = gen
 
@@ -685,8 +700,13 @@ class ApplianceSource:
             for link in links:
                 try:
                     report.shipped[link.rack] = self.ship_to(link, epoch, on_progress=on_progress)
-                except Conflict:
-                    raise
+                except StaleEpoch:
+                    raise  # this rack was fenced: stop everything for this appliance
+                except Conflict as exc:
+                    # a gap or a divergence: ask the replica afresh next time
+                    report.errors[link.rack] = str(exc)
+                    with self.volume.locked():
+                        self.volume.save(mf.forget_replica(self.volume.load(), link.rack))
                 except MeshcloudError as exc:
                     report.errors[link.rack] = str(exc)
             report.ship_s = time.monotonic() - t1

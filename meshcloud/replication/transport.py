@@ -73,6 +73,7 @@ class SshTarget:
     known_hosts_file: Path
     port: int = 22
     rsync_identity_file: Path | None = None
+    netns: str | None = None  # run ssh inside this network namespace (the lab's racks)
     user: str = "root"
     control_dir: Path | None = None
     connect_timeout_s: int = 10
@@ -81,6 +82,10 @@ class SshTarget:
     control_persist_s: int = 60
 
     def __post_init__(self) -> None:
+        if self.netns is not None and not re.match(
+            r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", self.netns
+        ):
+            raise InvalidInput(f"network namespace {self.netns!r} is not a valid name")
         if not _HOST_RE.match(self.host) or self.host.startswith("-"):
             raise InvalidInput(f"ssh host {self.host!r} must be an address or a plain name")
         if not 0 < self.port < 65536:
@@ -159,12 +164,16 @@ def ssh_argv(target: SshTarget, remote_command: Sequence[str]) -> list[str]:
     for word in words:
         if not re.match(r"^[A-Za-z0-9_.:=,-]+$", word):
             raise InvalidInput(f"remote command word {word!r} has unsafe characters")
-    return [SSH, *ssh_options(target), target.destination, "--", *words]
+    return [*_ssh_prefix(target), SSH, *ssh_options(target), target.destination, "--", *words]
+
+
+def _ssh_prefix(target: SshTarget) -> list[str]:
+    return ["ip", "netns", "exec", target.netns] if target.netns else []
 
 
 def rsync_rsh(target: SshTarget) -> str:
     """The ``-e`` string for rsync (rsync splits it on spaces; every part is checked)."""
-    return " ".join([SSH, *ssh_options(target, for_rsync=True)])
+    return " ".join([*_ssh_prefix(target), SSH, *ssh_options(target, for_rsync=True)])
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,18 @@ def test_parse_progress2_takes_the_last_update() -> None:
     )
     assert parse_progress2(chunk) == (33554432, 64)
     assert parse_progress2("nothing here") is None
+
+
+def test_ssh_can_run_inside_a_rack_namespace() -> None:
+    t = target(netns="mcl-lab-r1")
+    assert ssh_argv(t, ["meshcloud-replica", "held"])[:5] == [
+        "ip",
+        "netns",
+        "exec",
+        "mcl-lab-r1",
+        "ssh",
+    ]
+    argv = rsync_push_argv(t, Path("/v/f"), "a/b", RsyncSettings())
+    assert argv[argv.index("-e") + 1].startswith("ip netns exec mcl-lab-r1 ssh ")
+    with pytest.raises(InvalidInput):
+        target(netns="../x")
