@@ -166,6 +166,27 @@ class TimersConfig(_Strict):
         return self
 
 
+class WatchdogConfig(_Strict):
+    """What stops appliances if the daemon hangs: see docs/safety.md."""
+
+    mode: str = Field("auto", description="auto | device | fencer | none")
+    device: Path = Field(Path("/dev/watchdog"), description="watchdog device (softdog)")
+    socket: Path | None = Field(None, description="the fencing helper's socket (mode fencer)")
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in ("auto", "device", "fencer", "none"):
+            raise ValueError("must be auto, device, fencer or none")
+        return v
+
+    @model_validator(mode="after")
+    def _socket(self) -> WatchdogConfig:
+        if self.mode == "fencer" and self.socket is None:
+            raise ValueError("mode fencer needs socket (the fencing helper's unix socket)")
+        return self
+
+
 class ReplicationConfig(_Strict):
     interval_s: float = Field(2.0, gt=0, le=3600, description="ship a delta this often")
     bwlimit_kbps: int = Field(0, ge=0, description="per-link rate limit in KiB/s, 0 = none")
@@ -182,6 +203,7 @@ class DaemonConfig(_Strict):
     hypervisor: HypervisorConfig = HypervisorConfig()
     timers: TimersConfig = TimersConfig()
     replication: ReplicationConfig = ReplicationConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
 
     @field_validator("state_dir")
     @classmethod

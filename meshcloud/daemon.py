@@ -15,6 +15,7 @@ from aiohttp import web
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
 from meshcloud.agent.lease import LeaseKeeper
+from meshcloud.agent.watchdog import Watchdog, make_watchdog
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
 from meshcloud.discovery import Discovery
@@ -45,6 +46,8 @@ class Daemon:
             status=self.status,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        w = cfg.watchdog
+        self.watchdog: Watchdog = make_watchdog(w.mode, w.socket, w.device)
 
     def status(self) -> dict[str, Any]:
         """What /api/v1/health adds: formation progress and the store's view (hints)."""
@@ -74,7 +77,10 @@ class Daemon:
         self.store = store
         t = self.cfg.timers
         self.lease = LeaseKeeper(
-            self.cfg.rack.name, store, LeaseTimers(t.renew_s, t.lease_s, t.margin_s)
+            self.cfg.rack.name,
+            store,
+            LeaseTimers(t.renew_s, t.lease_s, t.margin_s),
+            on_extended=self.watchdog.arm,
         )
         self._spawn(self.lease.run(), "lease")
         self.control.attach(store, self.lease)
@@ -111,6 +117,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             await self._start_web(stack)
             await self.discovery.start()
+            stack.callback(self.watchdog.close)
             stack.push_async_callback(self.discovery.stop)
             stack.push_async_callback(self._stop_store)
             stack.push_async_callback(self.control.close)
