@@ -75,13 +75,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if lab_unavailable() is None:
         reap_orphan_labs()
-    # SIGTERM would end the run without teardown: turn it into KeyboardInterrupt,
-    # which pytest answers by running fixture finalizers.
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _teardown_on_sigterm() -> None:
+    """SIGTERM would end the run without teardown: make it a KeyboardInterrupt,
+    which pytest answers by running fixture finalizers. Installed once a lab is made."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-
-        def _interrupt(_signum: int, _frame: object) -> None:
-            raise KeyboardInterrupt
-
         signal.signal(signal.SIGTERM, _interrupt)
 
 
@@ -106,6 +109,7 @@ def lab_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make
     if reason is not None:
         pytest.skip(reason)
     made: list[Lab] = []
+    _teardown_on_sigterm()
 
     def make(racks: int = 3, *, standin: bool = False, **kwargs: Any) -> Lab:
         lab = Lab(f"{TEST_LAB_PREFIX}{secrets.token_hex(3)}")
