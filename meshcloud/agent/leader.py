@@ -1,0 +1,158 @@
+"""The leader's placement loop: keep the map's assignments what placement says they should be.
+
+On the rack that believes it leads the Raft group (``store.status().leader``
+is a hint: two racks may briefly both believe it, which is harmless because
+every write is compare-and-set on the appliance's epoch, so a stale
+leader's proposals are refused), each cycle:
+
+1. reads ONE snapshot of the map;
+2. computes the assignments with the pure
+   :func:`meshcloud.core.placement.place_snapshot` (alive racks from leases,
+   replica generations from the map);
+3. proposes ``assignment_set`` with ``expected_epoch`` = the epoch the
+   snapshot holds, for each assignment that changed (placement itself gives
+   a new primary a new epoch);
+4. logs one sentence (placement's reasons) and publishes it as an event.
+
+A cycle runs when the map changes and at least every ``period_s``. A
+refused proposal (the map moved meanwhile) or an unavailable store ends the
+cycle early; the next cycle decides again from a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshcloud.core.errors import Conflict, MeshcloudError, NotFound, Unavailable
+from meshcloud.core.models import ClusterSnapshot
+from meshcloud.core.placement import PlacementResult, place_snapshot
+from meshcloud.core.state import PlacementState
+from meshcloud.raft.store import PlacementStore
+
+log = logging.getLogger("meshcloud.leader")
+
+AliveFn = Callable[[ClusterSnapshot], "frozenset[str] | None"]  # None: this rack does not lead
+EventSink = Callable[[str, str, "str | None"], None]
+
+
+def every_rack_alive(snapshot: ClusterSnapshot) -> frozenset[str]:
+    """TODO(failover): stand-in until LeaseKeeper.alive() (meshcloud/agent/lease.py) lands.
+
+    Every rack of the map counts as alive: nothing is declared lost, so nothing
+    fails over yet. Drained racks count as alive too: placement itself keeps
+    primaries off them and says "drained" (not "lost") when it moves one away.
+    """
+    return frozenset(snapshot.racks)
+
+
+def assignment_commands(snapshot: ClusterSnapshot, result: PlacementResult) -> list[dict[str, Any]]:
+    """The compare-and-set commands that turn the snapshot's assignments into ``result``'s."""
+    commands = []
+    for name, wanted in sorted(result.assignments.items()):
+        if name not in snapshot.appliances:
+            continue
+        current = snapshot.assignments.get(name)
+        if current == wanted:
+            continue
+        commands.append(
+            {
+                "op": "assignment_set",
+                "assignment": wanted.to_dict(),
+                "expected_epoch": current.epoch if current is not None else None,
+            }
+        )
+    return commands
+
+
+@dataclass(frozen=True)
+class PlacementCycle:
+    """What one cycle decided: the sentence, the commands, and how many committed."""
+
+    reason: str
+    commands: int
+    committed: int
+
+
+def _revision_other_than(revision: int) -> Callable[[PlacementState], bool]:
+    return lambda state: state.revision != revision
+
+
+class PlacementLoop:
+    """Runs placement while this rack believes it leads."""
+
+    def __init__(
+        self,
+        rack: str,
+        store: PlacementStore,
+        *,
+        alive: AliveFn | None = None,
+        on_event: EventSink | None = None,
+        period_s: float = 1.0,
+    ) -> None:
+        self.rack = rack
+        self.store = store
+        self.alive = alive or every_rack_alive
+        self.on_event = on_event
+        self.period_s = period_s
+        self.last_cycle: PlacementCycle | None = None
+
+    def leads(self) -> bool:
+        """Whether this rack believes it is the Raft leader (a hint; writes are CAS)."""
+        return self.store.status().leader == self.rack
+
+    async def run(self) -> None:
+        """Cycle until cancelled."""
+        seen = -1
+        while True:
+            if self.leads():
+                try:
+                    await self.cycle()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bad cycle must not end the loop
+                    log.exception("placement cycle failed: %s", exc)
+            with contextlib.suppress(MeshcloudError):
+                state = await self.store.wait_for(
+                    _revision_other_than(seen), timeout_s=self.period_s
+                )
+                seen = state.revision
+
+    async def cycle(self) -> PlacementCycle:
+        """Place once from one snapshot and propose what changed."""
+        snapshot = self.store.snapshot()
+        if not snapshot.cluster_id or not snapshot.racks:
+            return PlacementCycle("the map has no racks yet", 0, 0)
+        alive = self.alive(snapshot)
+        if alive is None:
+            return PlacementCycle("this rack does not lead: no lease view of the others", 0, 0)
+        result = place_snapshot(snapshot, alive, replica_generations=snapshot.replica_generations)
+        commands = assignment_commands(snapshot, result)
+        if not commands:
+            self.last_cycle = PlacementCycle("placement unchanged", 0, 0)
+            return self.last_cycle
+        committed = 0
+        problem = ""
+        for command in commands:
+            try:
+                await self.store.propose(command)
+            except (Conflict, NotFound) as exc:
+                problem = f"the map changed meanwhile ({exc}); deciding again"
+                break
+            except Unavailable as exc:
+                problem = f"cannot commit now ({exc}); retrying"
+                break
+            committed += 1
+        reasons = list(result.reasons) or [f"{len(commands)} assignment(s) updated"]
+        sentence = "; ".join(reasons)
+        if problem:
+            sentence += f" ({committed} of {len(commands)} committed: {problem})"
+        log.info("placement: %s", sentence)
+        if self.on_event is not None:
+            self.on_event("placement", sentence, None)
+        self.last_cycle = PlacementCycle(sentence, len(commands), committed)
+        return self.last_cycle
