@@ -171,8 +171,12 @@ class Membership:
         )
         if not members:
             return
+        leader = store.status().leader  # a hint; may be an address while Raft starts
         status = FormationStatus(
-            formed=True, cluster_uuid=cluster_uuid, leader=store.status().leader, members=members
+            formed=True,
+            cluster_uuid=cluster_uuid,
+            leader=leader if leader in state.racks else None,
+            members=members,
         )
         if status != self.discovery.status:
             self.discovery.update_formation(

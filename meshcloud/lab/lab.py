@@ -39,7 +39,7 @@ from meshcloud.lab.state import (
 )
 from meshcloud.lab.wait import wait_for
 
-SERVICE_ORDER = ("sshd", "daemon")
+SERVICE_ORDER = ("sshd", "fencer", "daemon")
 
 
 class LabError(MeshcloudError):
@@ -170,6 +170,10 @@ class Lab:
     def known_hosts(self) -> Path:
         """Every rack's host key by lab address."""
         return self.dir / "ssh" / "known_hosts"
+
+    def fencer_socket(self, rack: str) -> Path:
+        """The rack's fencing helper socket (the daemon arms it with its lease expiry)."""
+        return self.rack_dir(rack) / "run" / "fencer.sock"
 
     def rack_dir(self, rack: str) -> Path:
         plan.rack_index(rack)
@@ -370,6 +374,9 @@ class Lab:
         self._write_daemon_config(state, rack)
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         rack.services["sshd"] = [sshd, "-D", "-e", "-f", str(ssh_dir / "sshd_config")]
+        # The fencing helper: kills the rack's QEMU when its daemon stops re-arming it.
+        rack.services["fencer"] = [sys.executable, "-m", "meshcloud.agent.fencer",
+                                   "--socket", str(self.fencer_socket(name))]  # fmt: skip
         self._power_on(state, rack)
 
     def _write_daemon_config(self, state: LabState, rack: RackState) -> None:
@@ -380,6 +387,7 @@ class Lab:
             secret_file=self.secret_file,
             bootstrap_expect=state.bootstrap_expect,
             state_dir=self.state_dir(rack.name),
+            fencer_socket=self.fencer_socket(rack.name),
         )
         parse_config(data, f"lab config for {rack.name}")  # the schema is the contract
         self.config_path(rack.name).write_text(
@@ -506,7 +514,7 @@ class Lab:
         """
         require_root()
         plan.check_lab_name(service)
-        if service in ("sshd", "daemon", "shaper"):
+        if service in ("sshd", "fencer", "daemon", "shaper"):
             raise Conflict(f"service name {service} is reserved")
         with locked(self.root, self.name):
             state = self._state()

@@ -219,6 +219,7 @@ def daemon_config(
     state_dir: Path,
     api_port: int = API_PORT,
     raft_port: int = RAFT_PORT,
+    fencer_socket: Path | None = None,
 ) -> dict[str, Any]:
     """The rack daemon's config as plain data (validated by meshcloud.config before writing)."""
     return {
@@ -232,6 +233,11 @@ def daemon_config(
         },
         "state_dir": str(state_dir),
         "hypervisor": {"uri": f"qemu:///embed?root={state_dir / 'libvirt'}"},
+        "watchdog": (
+            {"mode": "fencer", "socket": str(fencer_socket)}
+            if fencer_socket is not None
+            else {"mode": "none"}
+        ),
     }
 
 
