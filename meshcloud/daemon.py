@@ -15,6 +15,7 @@ from aiohttp import web
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
 from meshcloud.agent.lease import LeaseKeeper
+from meshcloud.agent.runtime import run_appliance_loops
 from meshcloud.agent.watchdog import Watchdog, make_watchdog
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
@@ -84,6 +85,10 @@ class Daemon:
         )
         self._spawn(self.lease.run(), "lease")
         self.control.attach(store, self.lease)
+        self._spawn(
+            run_appliance_loops(self.cfg, store, self.lease, self.control.add_event),
+            "appliances",
+        )
         cluster_uuid = self.discovery.status.cluster_uuid
         log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
         await self.membership.publish_loop(store)

@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from meshcloud.agent.executor import ActionExecutor
+from meshcloud.clock import now as clock_now
 from meshcloud.core.errors import MeshcloudError
 from meshcloud.core.models import ApplianceState, ClusterSnapshot
 from meshcloud.core.reconcile import (
@@ -63,6 +64,7 @@ log = logging.getLogger("meshcloud.agent")
 
 EventSink = Callable[[str, str, "str | None"], None]  # (kind, message, appliance)
 SHORT_ROOTS = Path("/run/meshcloud/lv")
+_NUMBER_RE = re.compile(r"\d+\.\d+")  # durations ("for 0.3 s"), not names or epochs
 _STOPPED_BY_ITSELF = frozenset({"shutdown", "crashed", "failed"})
 
 
@@ -176,6 +178,10 @@ def local_domains(infos: Mapping[str, DomainInfo]) -> dict[str, LocalDomain]:
     }
 
 
+def _gist(sentence: str) -> str:
+    return _NUMBER_RE.sub("#", sentence)
+
+
 def _revision_other_than(revision: int) -> Callable[[PlacementState], bool]:
     return lambda state: state.revision != revision
 
@@ -207,7 +213,7 @@ class RackAgent:
         lease_view: Callable[[], LeaseView] | None = None,
         engine: ReplicationEngine | None = None,
         on_event: EventSink | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clock_now,
     ) -> None:
         self.rack = rack
         self.store = store
@@ -309,11 +315,18 @@ class RackAgent:
         return Decision(sentence, decision.actions)
 
     def _report(self, sentence: str, acted: bool) -> None:
-        if sentence == self.last_reason and not acted:
+        """Log the cycle's sentence; publish it as an event when its gist changed.
+
+        "no lease for 0.3 s" and "no lease for 0.5 s" have the same gist: the durations
+        are left out of the comparison so that a waiting rack does not
+        flood the event log once per cycle.
+        """
+        gist = _gist(sentence)
+        if gist == _gist(self.last_reason) and not acted:
             log.debug("%s", sentence)
             return
         log.info("%s", sentence)
-        if sentence != self.last_reason:
+        if gist != _gist(self.last_reason):
             self._emit("agent", sentence, None)
         self.last_reason = sentence
 
