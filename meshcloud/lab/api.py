@@ -1,0 +1,94 @@
+"""Talk to the racks' API from the lab's observer namespace (tests, benchmarks, the demo)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+from meshcloud.core.errors import MeshcloudError
+from meshcloud.lab.lab import Lab
+from meshcloud.lab.plan import API_PORT
+from meshcloud.web.auth import api_token
+
+
+class ApiError(MeshcloudError):
+    """A request to a rack's API failed (connection or HTTP status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _NsConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is made in the lab's observer namespace."""
+
+    def __init__(self, lab: Lab, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.lab = lab
+
+    def connect(self) -> None:
+        sock = self.lab.socket(None)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class LabApi:
+    """Requests to any rack's v1 API, authenticated with the lab's cluster secret."""
+
+    def __init__(self, lab: Lab, timeout_s: float = 10.0) -> None:
+        self.lab = lab
+        self.timeout_s = timeout_s
+        self.token = api_token(lab.secret_file.read_text().strip())
+
+    def request(self, rack: str, method: str, path: str, body: Any = None) -> Any:
+        """Send one request to ``rack``; return the decoded JSON or raise ApiError."""
+        ip = self.lab.rack(rack).ip
+        conn = _NsConnection(self.lab, ip, API_PORT, self.timeout_s)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiError(f"{rack}: {method} {path}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            raise ApiError(f"{rack}: {method} {path}: not JSON", resp.status) from None
+        if resp.status >= 400:
+            message = (
+                doc.get("error", {}).get("message")
+                if isinstance(doc, dict)
+                else raw[:200].decode(errors="replace")
+            )
+            raise ApiError(f"{rack}: {method} {path}: {resp.status} {message}", resp.status)
+        return doc
+
+    def get(self, rack: str, path: str) -> Any:
+        return self.request(rack, "GET", path)
+
+    def cluster(self, rack: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self.get(rack, "/api/v1/cluster")
+        return doc
+
+    def health(self, rack: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self.get(rack, "/api/v1/health")
+        return doc
+
+    def put_appliance(self, rack: str, spec: dict[str, Any]) -> Any:
+        return self.request(rack, "PUT", f"/api/v1/appliances/{spec['name']}", spec)
+
+    def delete_appliance(self, rack: str, name: str) -> Any:
+        return self.request(rack, "DELETE", f"/api/v1/appliances/{name}")
