@@ -96,6 +96,11 @@ class MdnsAgent:
                 " list cluster.peers"
             ) from exc
         info = self._service_info(ann)
+        # Browse first: registering waits for mDNS probing (about a second), and peers
+        # can be found and admitted meanwhile.
+        self._browser = AsyncServiceBrowser(
+            self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_service_state_change]
+        )
         await self._aiozc.async_register_service(info, allow_name_change=True)
         self._info = info
         if info.name != ann.instance_name():
@@ -104,9 +109,6 @@ class MdnsAgent:
                 ann.instance_name(),
                 info.name,
             )
-        self._browser = AsyncServiceBrowser(
-            self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_service_state_change]
-        )
         log.info("mDNS: announcing %s on %s", info.name, self.bind_address)
 
     async def update(self, ann: Announcement) -> None:

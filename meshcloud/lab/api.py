@@ -92,3 +92,43 @@ class LabApi:
 
     def delete_appliance(self, rack: str, name: str) -> Any:
         return self.request(rack, "DELETE", f"/api/v1/appliances/{name}")
+
+    # -- probes used by tests and benchmarks ------------------------------------------------
+
+    def health_or_none(self, rack: str) -> dict[str, Any] | None:
+        try:
+            return self.health(rack)
+        except ApiError:
+            return None
+
+    def one_cluster(self, racks: list[str]) -> str | None:
+        """The cluster uuid if every rack answers from one cluster whose map holds all ``racks``."""
+        ids = set()
+        for rack in racks:
+            try:
+                doc = self.cluster(rack)
+            except ApiError:
+                return None
+            if sorted(doc["racks"]) != sorted(racks):
+                return None
+            ids.add(doc["cluster_id"])
+        return ids.pop() if len(ids) == 1 else None
+
+    def try_write(self, rack: str, name: str) -> bool:
+        """Store a small appliance spec through ``rack``; True if it was acknowledged."""
+        try:
+            self.put_appliance(rack, {"name": name, "image": "demo", "replicas": 0})
+        except ApiError:
+            return False
+        return True
+
+    def appliances(self, rack: str) -> set[str]:
+        return set(self.cluster(rack)["appliances"])
+
+    def leader_of(self, racks: list[str]) -> str | None:
+        """The leader every reachable rack agrees on, if any."""
+        seen = {h.get("leader") for r in racks if (h := self.health_or_none(r)) is not None}
+        if len(seen) == 1:
+            (leader,) = seen
+            return leader if isinstance(leader, str) else None
+        return None

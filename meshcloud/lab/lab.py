@@ -259,7 +259,8 @@ class Lab:
         {state_dir} {rack_dir} {lab}); default ``meshcloud daemon --config
         {config}``. ``start_daemons`` is True, False, or the racks whose
         daemon starts now (start the others later with :meth:`start_daemon`).
-        ``bootstrap_expect`` defaults to the number of daemons started now.
+        ``bootstrap_expect`` defaults to the number of daemons started now (every rack
+        when none is started now).
         With ``wait``, returns once every started daemon accepts TCP on its
         API port. On a failure while building, everything is torn down again.
         """
@@ -283,7 +284,10 @@ class Lab:
             unknown = sorted(set(starting) - set(names))
             if unknown:
                 raise LabError(f"cannot start daemons on {unknown}: the lab has {names}")
-        expect = bootstrap_expect if bootstrap_expect is not None else max(1, len(starting))
+        if bootstrap_expect is not None:
+            expect = bootstrap_expect
+        else:  # the daemons started now; with none started, every rack (they start later)
+            expect = len(starting) or racks
         if not 1 <= expect <= 64:
             raise LabError(f"bootstrap_expect must be 1..64, not {expect}")
         with locked(self.root, self.name, create=True):

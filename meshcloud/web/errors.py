@@ -52,7 +52,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except MeshcloudError as exc:
         status = status_for(exc)
-        if status >= 500:
+        if status == 500:  # a bug or an unexpected failure; 503 is an expected state
             log.exception("request failed: %s %s", request.method, request.path)
         return error_response(status, str(exc))
     except web.HTTPException as exc:

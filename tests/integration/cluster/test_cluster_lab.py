@@ -11,8 +11,6 @@ from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
 from meshcloud.lab.wait import wait_for
 
-from .helpers import appliances, leader_of, one_cluster, try_write
-
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 FORM_S = 60.0
@@ -26,47 +24,47 @@ def test_staggered_start_late_join_and_restart_from_journal(lab_factory: MakeLab
     for rack in ("r2", "r3"):
         time.sleep(GAP_S)  # the gap is the scenario, not synchronisation
         lab.start_daemon(rack)
-    uuid = wait_for(lambda: one_cluster(api, ["r1", "r2", "r3"]), FORM_S, "one cluster of 3")
-    assert wait_for(lambda: try_write(api, "r2", "before-late"), 30, "a write")
+    uuid = wait_for(lambda: api.one_cluster(["r1", "r2", "r3"]), FORM_S, "one cluster of 3")
+    assert wait_for(lambda: api.try_write("r2", "before-late"), 30, "a write")
     # a late rack joins the existing cluster (never founds another)
     late = lab.add_rack()
     racks = ["r1", "r2", "r3", late]
-    assert wait_for(lambda: one_cluster(api, racks), FORM_S, "the late rack in the cluster") == uuid
-    assert "before-late" in appliances(api, late)
+    assert wait_for(lambda: api.one_cluster(racks), FORM_S, "the late rack in the cluster") == uuid
+    assert "before-late" in api.appliances(late)
     # every rack loses power; each recovers the map from its own journal
-    assert wait_for(lambda: try_write(api, late, "before-blackout"), 30, "a write")
+    assert wait_for(lambda: api.try_write(late, "before-blackout"), 30, "a write")
     for rack in racks:
         lab.kill(rack)
     for rack in racks:
         lab.restart(rack)
-    assert wait_for(lambda: one_cluster(api, racks), FORM_S, "the cluster back") == uuid
+    assert wait_for(lambda: api.one_cluster(racks), FORM_S, "the cluster back") == uuid
     for rack in racks:
-        assert {"before-late", "before-blackout"} <= appliances(api, rack)
+        assert {"before-late", "before-blackout"} <= api.appliances(rack)
 
 
 def test_leader_loss_and_minority_partition(lab_factory: MakeLab) -> None:
     lab: Lab = lab_factory(racks=5, sites="a,a,b,b,c")
     api = LabApi(lab)
     racks = lab.racks()
-    wait_for(lambda: one_cluster(api, racks), FORM_S, "one cluster of 5")
-    leader = wait_for(lambda: leader_of(api, racks), 30, "an agreed leader")
+    wait_for(lambda: api.one_cluster(racks), FORM_S, "one cluster of 5")
+    leader = wait_for(lambda: api.leader_of(racks), 30, "an agreed leader")
     # killing the leader's rack lets writes continue through the others
     lab.kill(leader)
     survivors = [r for r in racks if r != leader]
-    assert wait_for(lambda: try_write(api, survivors[0], "after-leader-loss"), 30, "a write")
+    assert wait_for(lambda: api.try_write(survivors[0], "after-leader-loss"), 30, "a write")
     lab.restart(leader)
-    wait_for(lambda: one_cluster(api, racks), FORM_S, "the old leader back")
+    wait_for(lambda: api.one_cluster(racks), FORM_S, "the old leader back")
     # the minority side of a partition cannot commit; the majority can
     minority, majority = racks[:2], racks[2:]
     lab.partition(",".join(minority), ",".join(majority))
-    assert wait_for(lambda: try_write(api, majority[0], "majority-write"), 30, "a majority write")
-    refused = [try_write(api, minority[0], f"minority-{i}") for i in range(3)]
+    assert wait_for(lambda: api.try_write(majority[0], "majority-write"), 30, "a majority write")
+    refused = [api.try_write(minority[0], f"minority-{i}") for i in range(3)]
     assert refused == [False, False, False]
     lab.heal()
 
     def healed() -> bool:
-        return all("majority-write" in appliances(api, r) for r in racks)
+        return all("majority-write" in api.appliances(r) for r in racks)
 
     wait_for(healed, 30, "the minority to catch up")
     for rack in racks:
-        assert not {a for a in appliances(api, rack) if a.startswith("minority-")}
+        assert not {a for a in api.appliances(rack) if a.startswith("minority-")}
