@@ -284,10 +284,8 @@ class Lab:
             unknown = sorted(set(starting) - set(names))
             if unknown:
                 raise LabError(f"cannot start daemons on {unknown}: the lab has {names}")
-        if bootstrap_expect is not None:
-            expect = bootstrap_expect
-        else:  # the daemons started now; with none started, every rack (they start later)
-            expect = len(starting) or racks
+        # default: the daemons started now; with none started, every rack (they start later)
+        expect = bootstrap_expect if bootstrap_expect is not None else len(starting) or racks
         if not 1 <= expect <= 64:
             raise LabError(f"bootstrap_expect must be 1..64, not {expect}")
         with locked(self.root, self.name, create=True):
