@@ -247,6 +247,13 @@ def chroot_argv(root: Path, argv: Sequence[str]) -> list[str]:
             str(root), *argv]  # fmt: skip
 
 
+def noatime_argv(tree: Path, argv: Sequence[str]) -> list[str]:
+    """argv running ``argv`` while ``tree`` is seen through a private noatime bind mount."""
+    script = RECIPE_DIR / "noatime-run.sh"
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script),
+            str(tree), *argv]  # fmt: skip
+
+
 def mkfs_argv(image: Path, root_dir: Path, layout: DiskLayout, fs_uuid: str) -> list[str]:
     """argv making the ext4 root file system inside ``image`` at the root partition's offset.
 
@@ -282,6 +289,37 @@ def fstab(fs_uuid: str) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def epoch_env() -> dict[str, str]:
+    """Environment making e2fsprogs use SOURCE_DATE_EPOCH as "now"."""
+    return {
+        "E2FSPROGS_FAKE_TIME": str(SOURCE_DATE_EPOCH),
+        "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH),
+    }
+
+
+def debugfs_epoch_script(tree: Path, epoch: int = SOURCE_DATE_EPOCH) -> str:
+    """debugfs commands setting the superblock's times and every inode's ctime to ``epoch``.
+
+    Paths come from ``tree`` (what mkfs.ext4 -d copied); a path debugfs cannot
+    quote (a double quote or a newline in it) keeps its time.
+    """
+    at = f"@{epoch}"
+    cmds = [f"ssv {field} {at}" for field in ("mtime", "wtime", "lastcheck", "mkfs_time")]
+    cmds += ["ssv mnt_count 0", "ssv kbytes_written 0", "ssv last_mounted /"]
+    boot = ["/boot/extlinux/ldlinux.sys", "/boot/extlinux/ldlinux.c32"]
+    for path in boot:
+        cmds += [f'sif "{path}" {field} {at}' for field in ("atime", "mtime", "crtime")]
+    paths = ["/", *boot]
+    for dirpath, dirnames, filenames in os.walk(tree):
+        rel = "/" + os.path.relpath(dirpath, tree).removeprefix(".").lstrip("/")
+        for name in [*dirnames, *filenames]:
+            paths.append(os.path.join(rel, name))
+    for path in paths:
+        if '"' not in path and "\n" not in path:
+            cmds.append(f'sif "{path}" ctime {at}')
+    return "\n".join(cmds) + "\n"
 
 
 def dpkg_versions(status_text: str) -> dict[str, str]:
@@ -405,13 +443,18 @@ def build_wheelhouse(dest: Path, build_dir: Path, progress: Progress) -> list[st
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
-    # setuptools builds in the source tree's build/lib: a module deleted from the
-    # sources would otherwise linger there and reach the wheel.
-    shutil.rmtree(REPO_ROOT / "build" / "lib", ignore_errors=True)
     for wheel in deps.glob("*.whl"):
         shutil.copyfile(wheel, dest / wheel.name)
-    run_tool([*pip, "--no-deps", "--wheel-dir", str(dest), str(REPO_ROOT)],
+    # Build from a clean copy of the sources: setuptools keeps a build/lib in the
+    # source tree, where a deleted module would linger, and which two builds share.
+    source = dest.parent / "source"
+    shutil.copytree(REPO_ROOT / "meshcloud", source / "meshcloud",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO_ROOT / name, source / name)
+    run_tool([*pip, "--no-deps", "--wheel-dir", str(dest), str(source)],
              on_line=lambda line: progress(f"  pip: {line}"), what="pip wheel (meshcloud)")  # fmt: skip
+    shutil.rmtree(source)
     return sorted(p.name for p in dest.glob("*.whl"))
 
 
@@ -465,7 +508,7 @@ def _boot_files(root: Path) -> tuple[str, str]:
 
 
 def _install_bootloader(
-    image: Path, layout: DiskLayout, mount_dir: Path, progress: Progress
+    image: Path, layout: DiskLayout, mount_dir: Path, tree: Path, progress: Progress
 ) -> None:
     """extlinux into the root partition (needs it mounted), mbr.bin into the MBR."""
     root = layout.root
@@ -481,15 +524,11 @@ def _install_bootloader(
                      on_line=lambda line: progress(f"  extlinux: {line}"))  # fmt: skip
         finally:
             run_tool(["umount", str(mount_dir)])
-        # The mount stamped the superblock and extlinux's files with today's time:
-        # put SOURCE_DATE_EPOCH back so that rebuilds compare equal.
-        epoch = str(SOURCE_DATE_EPOCH)
-        cmds = [f"ssv {f} {epoch}" for f in ("mtime", "wtime", "lastcheck", "mkfs_time")]
-        cmds += ["ssv mnt_count 0", "ssv kbytes_written 0", 'ssv last_mounted ""']
-        for path in ("/boot/extlinux/ldlinux.sys", "/boot/extlinux/ldlinux.c32", "/boot/extlinux"):
-            cmds += [f"sif {path} {f} {epoch}" for f in ("atime", "mtime", "ctime", "crtime")]
-        run_tool(["debugfs", "-w", "-f", "-", loop], input_text="\n".join(cmds) + "\n",
-                 what="debugfs (timestamps)")  # fmt: skip
+        # The mount stamped the superblock and extlinux's files with today's time, and
+        # mkfs.ext4 -d copied each file's ctime (which no tool can set) from the tree:
+        # put SOURCE_DATE_EPOCH everywhere so that rebuilds compare equal.
+        run_tool(["debugfs", "-w", "-f", "-", loop], input_text=debugfs_epoch_script(tree),
+                 env=epoch_env(), what="debugfs (timestamps)")  # fmt: skip
     finally:
         run_tool(["losetup", "--detach", loop])
     with open(image, "r+b") as f, open(MBR_BIN, "rb") as mbr:
@@ -517,13 +556,12 @@ def _assemble(root: Path, work: Path, key: str, progress: Progress) -> tuple[Pat
         f.seek(layout.identity.start_bytes)
         f.write(encode_record(None))
     progress("disk: ext4 root file system from the tree (mkfs.ext4 -d)")
-    epoch_env = {"E2FSPROGS_FAKE_TIME": str(SOURCE_DATE_EPOCH),
-                 "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}  # fmt: skip
-    run_tool(mkfs_argv(image, root, layout, fs_uuid), env=epoch_env, what="mkfs.ext4")
+    run_tool(noatime_argv(root, mkfs_argv(image, root, layout, fs_uuid)), env=epoch_env(),
+             what="mkfs.ext4")  # fmt: skip
     progress("disk: extlinux boot loader")
     mount_dir = work / "mnt"
     mount_dir.mkdir()
-    _install_bootloader(image, layout, mount_dir, progress)
+    _install_bootloader(image, layout, mount_dir, root, progress)
     return image, layout
 
 

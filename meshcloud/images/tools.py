@@ -6,8 +6,10 @@ never a shell string); :func:`run_tool` is the only place that runs them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from meshcloud.core.errors import MeshcloudError
@@ -68,9 +70,19 @@ def run_tool(
     except OSError as exc:
         raise error(f"{label}: cannot run {argv[0]}: {exc} (is it installed?)") from exc
     if input_text is not None:
-        assert proc.stdin is not None
-        proc.stdin.write(input_text)
-        proc.stdin.close()
+        # Fed from a thread: a tool that echoes its input (debugfs) would otherwise fill
+        # its output pipe while we still write, and both would wait for ever.
+        stdin = proc.stdin
+        assert stdin is not None
+
+        def feed() -> None:
+            with contextlib.suppress(BrokenPipeError):
+                stdin.write(input_text)
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
+
+        feeder = threading.Thread(target=feed, name=f"stdin-{argv[0]}", daemon=True)
+        feeder.start()
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:

@@ -98,3 +98,17 @@ def test_dpkg_versions() -> None:
         "Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b2\nDescription: x\n y\n"
     )
     assert dpkg_versions(status) == {"bash": "5.2.15-2+b2", "rsync": "3.2.7-1"}
+
+
+def test_debugfs_script_resets_every_time_to_the_epoch(tmp_path: Path) -> None:
+    from meshcloud.images.rackos import SOURCE_DATE_EPOCH, debugfs_epoch_script
+
+    (tmp_path / "etc" / "ssh").mkdir(parents=True)
+    (tmp_path / "etc" / "ssh" / "with space").write_text("x")
+    (tmp_path / 'bad"name').write_text("x")
+    script = debugfs_epoch_script(tmp_path).splitlines()
+    at = f"@{SOURCE_DATE_EPOCH}"
+    assert f"ssv wtime {at}" in script and f"ssv mkfs_time {at}" in script
+    assert f'sif "/etc/ssh/with space" ctime {at}' in script
+    assert f'sif "/etc" ctime {at}' in script and f'sif "/" ctime {at}' in script
+    assert not any("bad" in line for line in script)  # cannot be quoted: left alone
