@@ -160,7 +160,6 @@ def make_conf(settings: RaftSettings, dump_path: Path) -> SyncObjConf:
         useFork=False,
         maxBindRetries=1,
         tcp_keepalive=(5, 1, 3),
-        appendEntriesUseBatch=False,
     )
 
 
@@ -197,6 +196,7 @@ class SyncObjStore(PlacementStore):
         self._event = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._membership_busy = False
+        self._saved_peers: list[str] = []
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -221,6 +221,7 @@ class SyncObjStore(PlacementStore):
         tmp = self._role_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"role": role, "peers": sorted(set(peers))}))
         os.replace(tmp, self._role_file)
+        self._saved_peers = sorted(set(peers))
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -476,15 +477,16 @@ class SyncObjStore(PlacementStore):
             )
             await self._convert("follower", view)
             return
-        await asyncio.to_thread(self._remember_peers, view)
+        if sorted(view["voters"]) != self._saved_peers:
+            await asyncio.to_thread(self._remember_peers, view)
         if self._role == "voter" and view["is_leader"] and not self._membership_busy:
             await self._reconcile_voters(view, state)
 
     def _remember_peers(self, view: Mapping[str, Any]) -> None:
-        saved = self._read_role()
         peers = sorted(view["voters"])
-        if saved is None or sorted(saved[1]) != peers:
+        if peers != self._saved_peers:
             self._write_role(self._role, peers)
+            self._saved_peers = peers
 
     async def _reconcile_voters(self, view: Mapping[str, Any], state: PlacementState) -> None:
         me = self.settings.address

@@ -319,3 +319,24 @@ class RaftCluster:
             return None
 
         return await wait_until(find, timeout_s, "a leader followed by a majority")
+
+
+async def fill_ballast(node: RaftNode, count: int, timeout_s: float = 120.0) -> None:
+    """Commit ``count`` random 190-character values under the key "ballast" through ``node``.
+
+    Ballast makes the map (and so a snapshot) big. It is not under test: a
+    batch that fails while the machine is busy (a proposal timing out, an
+    election discarding it) is simply written again.
+    """
+    import secrets
+
+    deadline = time.monotonic() + timeout_s
+    done = 0
+    while done < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {done} of {count} ballast values committed")
+        size = min(200, count - done)
+        answers = await node.append_many(
+            "ballast", [secrets.token_urlsafe(190) for _ in range(size)]
+        )
+        done += sum(1 for a in answers if a["ok"])

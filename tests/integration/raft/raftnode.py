@@ -119,7 +119,6 @@ class Engine:
             "commandsWaitLeader": False,
             "leaderFallbackTimeout": 1.0,
             "useFork": False,
-            "appendEntriesUseBatch": False,
             "fullDumpFile": dump,
         }
         kwargs.update(overrides)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from history import History, check, client
-from raftcluster import FAST_TIMERS, RAFTNODE, SECRET, RaftNode, wait_until
+from raftcluster import FAST_TIMERS, RAFTNODE, SECRET, RaftNode, fill_ballast, wait_until
 
 from meshcloud.lab.lab import Lab
 
@@ -118,11 +117,7 @@ async def run_history(lab: Lab, nodes: dict[str, RaftNode]) -> tuple[History, li
     for node in nodes.values():
         await wait_until(lambda n=node: answering(n), 30.0, f"{node.name} to start")
     first = nodes[await leader_rack(nodes)]
-    for batch in range(BALLAST // 200):
-        answers = await first.append_many(
-            "ballast", [secrets.token_urlsafe(190) for _ in range(200)]
-        )
-        assert all(a["ok"] for a in answers), f"ballast batch {batch} failed"
+    await fill_ballast(first, BALLAST)
 
     history = History()
     stop = asyncio.Event()

