@@ -4,13 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap demo demo-down test test-fast lint typecheck bench bench-quick appliance clean
+.PHONY: bootstrap demo demo-down test test-fast lint typecheck bench bench-quick appliance rack-image clean
 
 bootstrap:
 	@scripts/bootstrap.sh
 
 appliance: bootstrap
 	@$(PY) -m meshcloud.images.appliance build
+
+# The rack OS image (as root; cached in build/rack-os by a hash of its inputs).
+rack-image: bootstrap
+	@$(VENV)/bin/meshcloud image build
 
 demo: bootstrap appliance
 	@$(VENV)/bin/meshcloud demo up
