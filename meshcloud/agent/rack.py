@@ -233,6 +233,7 @@ class RackAgent:
         self._wake = asyncio.Event()
         self._known_appliances: set[str] = set()
         self._to_forget: set[str] = set()
+        self._stops: dict[str, asyncio.Task[None]] = {}
 
     # -- running -------------------------------------------------------------------
 
@@ -258,9 +259,9 @@ class RackAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.period_s)
         finally:
-            for task in watchers:
+            for task in [*watchers, *self._stops.values()]:
                 task.cancel()
-            for task in watchers:
+            for task in [*watchers, *self._stops.values()]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
@@ -342,7 +343,7 @@ class RackAgent:
                 return await self._start(action, snapshot)
             if isinstance(action, Stop):
                 self.book.forget(name)
-                await self.executor.async_stop(name)
+                self._stop_in_background(name)
             elif isinstance(action, Destroy):
                 self.book.forget(name)
                 await self.executor.async_destroy(name)
@@ -363,6 +364,29 @@ class RackAgent:
         except MeshcloudError as exc:
             return f"{type(action).__name__.lower()} of {name} failed: {exc}"
         return ""
+
+    def _stop_in_background(self, name: str) -> None:
+        """A graceful stop waits for the guest (up to its timeout): never block the cycle on it.
+
+        Meanwhile the cycles go on, so that a lost lease still pauses everything at once.
+        """
+        running = self._stops.get(name)
+        if running is not None and not running.done():
+            return
+        self._stops[name] = asyncio.create_task(self._stop(name), name=f"agent-stop-{name}")
+
+    async def _stop(self, name: str) -> None:
+        try:
+            await self.executor.async_stop(name)
+        except MeshcloudError as exc:
+            log.warning("stopping %s failed: %s", name, exc)
+            self._emit("stop-failed", f"stopping {name} on {self.rack} failed: {exc}", name)
+        finally:
+            self.wake()
+
+    async def settle(self) -> None:
+        """Wait for the stops still in flight (tests; the loop itself never waits)."""
+        await asyncio.gather(*self._stops.values(), return_exceptions=True)
 
     async def _start(self, action: Start, snapshot: ClusterSnapshot) -> str:
         name = action.appliance

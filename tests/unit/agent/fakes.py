@@ -75,6 +75,7 @@ class FakeHypervisor(Hypervisor):
         self.domains: dict[str, DomainInfo] = {}
         self.hosts: dict[str, HostDetails] = {}
         self.calls: list[tuple[str, str]] = []
+        self.stop_gate: asyncio.Event | None = None  # set: a guest that takes its time to stop
 
     async def async_open(self) -> None:
         pass
@@ -125,6 +126,9 @@ class FakeHypervisor(Hypervisor):
 
     async def async_stop(self, appliance: str, timeout_s: float = 30.0) -> None:
         self.calls.append(("stop", appliance))
+        self._get(appliance)
+        if self.stop_gate is not None:
+            await self.stop_gate.wait()
         if self._get(appliance).state is not DomainState.SHUTOFF:
             self._set(appliance, DomainState.SHUTOFF, EventKind.STOPPED, "shutdown")
 

@@ -139,6 +139,7 @@ async def test_moved_elsewhere_is_destroyed_and_unassigned_is_stopped(world: Wor
     world.assign("a", "r2", 2)  # moved: the other rack may start it any moment
     world.assign("b", None, 2)  # stopped by placement (no room)
     decision = await world.agent.cycle()
+    await world.agent.settle()  # the graceful stop runs beside the loop
     assert world.hv.running() == {}
     assert ("destroy", "a") in world.hv.calls and ("stop", "b") in world.hv.calls
     assert "destroying a" in decision.reason and "stopping b" in decision.reason
@@ -150,6 +151,7 @@ async def test_deleting_an_appliance_stops_it_and_moves_its_volumes_aside(world:
     await world.agent.cycle()
     world.store.apply_now({"op": "appliance_remove", "name": "a"})
     await world.agent.cycle()
+    await world.agent.settle()
     assert world.hv.running() == {}
     await world.agent.cycle()
     assert "a" not in world.hv.domains
@@ -230,6 +232,24 @@ async def test_without_a_lease_it_pauses_then_resumes(world: World) -> None:
     world.lease = LeaseView.holding()
     await world.agent.cycle()
     assert world.hv.running() == {"a": 1}
+
+
+async def test_a_slow_stop_does_not_hold_up_fencing(world: World) -> None:
+    world.deploy("a")
+    world.deploy("b")
+    await world.agent.cycle()
+    world.hv.stop_gate = asyncio.Event()  # b's guest ignores the power button for now
+    world.assign("b", None, 2)
+    await world.agent.cycle()
+    await asyncio.sleep(0)  # the stop task gets going
+    assert ("stop", "b") in world.hv.calls and world.hv.running() == {"a": 1, "b": 1}
+    world.lease = LeaseView.lost(world.clock.t)
+    await world.agent.cycle()  # not blocked behind b's stop
+    assert world.hv.domains["a"].state is HvState.PAUSED
+    assert world.hv.domains["b"].state is HvState.PAUSED
+    assert [c for c in world.hv.calls if c == ("stop", "b")] == [("stop", "b")]  # not repeated
+    world.hv.stop_gate.set()
+    await world.agent.settle()
 
 
 async def test_the_loop_wakes_on_a_crash_and_restarts_it(
