@@ -36,6 +36,13 @@ def rebase_unsafe_argv(image: Path, backing_name: str) -> list[str]:
             _check_path("image", image)]  # fmt: skip
 
 
+def resize_argv(image: Path, size_bytes: int) -> list[str]:
+    """argv growing a qcow2 image to ``size_bytes``."""
+    if size_bytes <= 0 or size_bytes % 512:
+        raise InvalidInput(f"disk size {size_bytes} must be a positive multiple of 512")
+    return [QEMU_IMG, "resize", "-q", "-f", "qcow2", _check_path("image", image), str(size_bytes)]
+
+
 def repair_leaks_argv(image: Path) -> list[str]:
     """argv reclaiming leaked clusters (what a killed ``qemu-img commit`` can leave)."""
     return [QEMU_IMG, "check", "-q", "-r", "leaks", "-f", "qcow2",

@@ -53,7 +53,12 @@ from meshcloud.replication.manifest import (
     Role,
     StaleEpoch,
 )
-from meshcloud.replication.qemu import create_blank_argv, create_overlay_named_argv, flatten_argv
+from meshcloud.replication.qemu import (
+    create_blank_argv,
+    create_overlay_named_argv,
+    flatten_argv,
+    resize_argv,
+)
 from meshcloud.replication.runner import ProcessRunner
 from meshcloud.replication.schedule import replication_lag_s
 from meshcloud.replication.store import SEED_NAME
@@ -73,6 +78,7 @@ from meshcloud.replication.volume import (
     VolumeSet,
     default_qemu_runner,
     fsync_dir,
+    read_qcow2_header,
     sha1_file,
 )
 
@@ -357,6 +363,15 @@ class ApplianceSource:
             template = (templates or {}).get(chain.disk)
             if template is not None:
                 src.qemu(flatten_argv(template, bottom, source_format=template_format))
+                have = read_qcow2_header(bottom).virtual_size
+                if have > chain.virtual_size:
+                    bottom.unlink()
+                    raise InvalidInput(
+                        f"disk {chain.disk}: the template is {have} bytes, more than the"
+                        f" {chain.virtual_size} asked for: give a size of at least {have}"
+                    )
+                if have < chain.virtual_size:  # grow it to the size the spec asks for
+                    src.qemu(resize_argv(bottom, chain.virtual_size))
             else:
                 src.qemu(create_blank_argv(bottom, chain.virtual_size))
             src.qemu(create_overlay_named_argv(vs.file(chain.disk, chain.top), chain.bottom))

@@ -73,3 +73,23 @@ def test_reconcile_completes_a_freeze_cut_short_by_a_crash(tmp_path: Path) -> No
     assert src.active_paths()["data"] == new
     assert src.volume.outbox_file("data", 1).exists()
     assert not src.reconcile(1)  # nothing left to do
+
+
+def test_a_template_is_copied_and_grown_to_the_asked_size(tmp_path: Path) -> None:
+    from meshcloud.core.errors import InvalidInput
+    from meshcloud.replication.qemu import create_blank_argv
+    from meshcloud.replication.volume import read_qcow2_header
+
+    template = tmp_path / "template.qcow2"
+    default_qemu_runner(create_blank_argv(template, 8 << 20))
+    src = ApplianceSource.create(
+        tmp_path / "v", "app", {"data": 16 << 20}, epoch=1, templates={"data": template}
+    )
+    m = src.manifest()
+    assert (
+        read_qcow2_header(src.volume.file("data", m.chain("data").bottom)).virtual_size == 16 << 20
+    )
+    with pytest.raises(InvalidInput, match="template"):
+        ApplianceSource.create(
+            tmp_path / "w", "app", {"data": 4 << 20}, epoch=1, templates={"data": template}
+        )
