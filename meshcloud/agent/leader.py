@@ -41,11 +41,11 @@ EventSink = Callable[[str, str, "str | None"], None]
 
 
 def every_rack_alive(snapshot: ClusterSnapshot) -> frozenset[str]:
-    """TODO(failover): stand-in until LeaseKeeper.alive() (meshcloud/agent/lease.py) lands.
+    """Every rack of the map counts as alive: for tests and a store without leases.
 
-    Every rack of the map counts as alive: nothing is declared lost, so nothing
-    fails over yet. Drained racks count as alive too: placement itself keeps
-    primaries off them and says "drained" (not "lost") when it moves one away.
+    The daemon uses ``LeaseKeeper.alive()`` instead (see runtime.py). Drained
+    racks count as alive: placement itself keeps primaries off them and says
+    "drained" (not "lost") when it moves one away.
     """
     return frozenset(snapshot.racks)
 

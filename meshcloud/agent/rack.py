@@ -88,6 +88,9 @@ def short_embed_uri(uri: str, links: Path = SHORT_ROOTS, max_len: int = 48) -> s
     root = Path(roots[0])
     root.mkdir(parents=True, exist_ok=True)
     links.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in links.iterdir():  # roots of labs that are gone
+        if stale.is_symlink() and not stale.exists():
+            stale.unlink(missing_ok=True)
     link = links / hashlib.sha256(str(root).encode()).hexdigest()[:16]
     if link.is_symlink() and Path(link.readlink()) != root:
         link.unlink()
@@ -220,8 +223,7 @@ class RackAgent:
         self.hv = hypervisor
         self.executor = executor
         self.settings = settings or AgentSettings()
-        # TODO(failover): the daemon passes LeaseKeeper.view once meshcloud/agent/lease.py lands;
-        # until then this rack always believes it holds its lease.
+        # The daemon passes LeaseKeeper.view; without one (tests) the lease counts as held.
         self.lease_view = lease_view or LeaseView.holding
         self.engine = engine
         self.on_event = on_event

@@ -6,7 +6,8 @@ before started, to keep the boots few):
 1. three appliances deployed through the API land on three racks and each
    rack runs exactly the appliances the map assigns to it, under their epochs
    (checked on the racks' QEMU processes and libvirt's live status); one of
-   them answers on its segment (the image, disk and network really work);
+   them answers on its segment (the image, disk and network really work); a
+   VM whose QEMU is killed is restarted in place under the same epoch;
 2. draining a rack moves its appliance to another rack under a new epoch
    (stop and start) and leaves the other appliances' VMs alone;
 3. deleting an appliance stops it everywhere and moves its volumes aside;
@@ -20,6 +21,7 @@ A second test proves that an image failing its checksum is never used.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -109,6 +111,17 @@ def test_appliances_follow_the_map_through_drain_delete_and_power_cut(
 
     counter = wait_for(page, BOOT_TIMEOUT_S, "app1 to answer on its segment")
     assert counter["name"] == "app1"
+
+    # a VM whose QEMU dies is restarted in place, under the same epoch (after its back-off)
+    crash_rack, crash_epoch = where["app3"]
+    os.kill(pids["app3"], signal.SIGKILL)  # this test's own VM
+
+    def restarted() -> int | None:
+        pid = qemu_guests(lab, crash_rack).get("app3")
+        return pid if pid is not None and pid != pids["app3"] else None
+
+    pids["app3"] = wait_for(restarted, PLACE_TIMEOUT_S, "app3 to be restarted in place")
+    assert live_epoch(lab, crash_rack, "app3") == crash_epoch
 
     # 2. drain the rack of app2: app2 moves under a new epoch, the others stay put
     drained, epoch2 = where["app2"]

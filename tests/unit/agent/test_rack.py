@@ -313,5 +313,10 @@ def test_short_embed_uri_links_long_roots(tmp_path: Path) -> None:
     link = Path(short.split("root=", 1)[1])
     assert link.parent == tmp_path / "lv" and link.resolve() == long_root.resolve()
     assert short_embed_uri(uri, links=tmp_path / "lv", max_len=48) == short  # stable
+    (tmp_path / "lv" / "gone").symlink_to(tmp_path / "no-such-lab")
+    other = f"qemu:///embed?root={tmp_path / ('y' * 60)}"
+    short_embed_uri(other, links=tmp_path / "lv", max_len=48)
+    assert not (tmp_path / "lv" / "gone").is_symlink()  # dangling links are pruned
+    assert Path(short.split("root=", 1)[1]).is_symlink()
     assert short_embed_uri("qemu:///system") == "qemu:///system"
     assert short_embed_uri("qemu:///embed?root=/short") == "qemu:///embed?root=/short"
