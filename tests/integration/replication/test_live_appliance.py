@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -106,7 +109,12 @@ async def _scenario(rack_ns: str, tmp_path: Path, target: Any) -> None:
     image = await asyncio.to_thread(ensure_appliance)
     accel, _ = await asyncio.to_thread(choose_accel, "auto", image.kernel, image.initrd)
     spec = ApplianceSpec(
-        name="demo", image="demo", memory_mib=128, disks=(DiskSpec("data", 1),), ip=APPLIANCE_IP
+        name="demo",
+        image="demo",
+        memory_mib=128,
+        disks=(DiskSpec("data", 1),),
+        ip=APPLIANCE_IP,
+        boot_args="meshcloud.write_mbps=1",  # deltas worth killing a transfer in
     )
     root = Path(tempfile.mkdtemp(prefix="mc-rl-", dir="/tmp")) / "libvirt"
     hv = LibvirtHypervisor(embed_uri(root), netns=rack_ns, label="repl")
@@ -178,9 +186,54 @@ async def _scenario(rack_ns: str, tmp_path: Path, target: Any) -> None:
             assert (await hv.async_list())["demo"].state.value == "running"
             await asyncio.sleep(0.3)
         assert seen == sorted(seen) and seen[-1] > seen[0], f"the counter did not advance: {seen}"
-        # background merge on the replica keeps the same content
+        # the merge on the replica killed at random points: always the saved generation
+        held = store.volume("demo").load().generation
+        rng = random.Random(3)
+        for _ in range(8):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "meshcloud.replication", "merge", str(store.root), "demo"],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random point, not synchronisation
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            m = store.volume("demo").load()
+            assert m.generation == held
+            assert _identical(store.volume("demo").top_path(m, "data"), saved[held])
         await asyncio.to_thread(store.merge_pending)
         m = store.volume("demo").load()
+        assert len(m.chain("data").files) == 1
+        assert _identical(store.volume("demo").top_path(m, "data"), saved[m.generation])
+
+        # rsync killed half-way on a slow link: the replica keeps the previous generation
+        slow = ReplicaLink("rack-b", target, RsyncSettings(compress=False, bwlimit_kbps=64))
+        incoming = store.incoming_root / "demo" / "data"
+
+        def partial_seen() -> bool:
+            return any(f.stat().st_size > (64 << 10) for f in incoming.glob(".g*") if f.is_file())
+
+        async def kill_when_partial() -> None:
+            deadline = time.monotonic() + 60
+            while not partial_seen():
+                assert time.monotonic() < deadline, "no partial transfer seen"
+                await asyncio.sleep(0.02)
+            assert source.transport.runner.cancel_all() >= 1
+
+        await asyncio.sleep(2.0)  # let the guest write a delta worth shipping slowly
+        killer = asyncio.create_task(kill_when_partial())
+        report = await asyncio.to_thread(source.cycle, 1, [slow])
+        await killer
+        assert "rack-b" in report.errors
+        m = store.volume("demo").load()
+        assert m.generation == held and _identical(
+            store.volume("demo").top_path(m, "data"), saved[held]
+        )
+        report = await asyncio.to_thread(source.cycle, 1, [link])  # catches up (resumes)
+        assert not report.errors, report.errors
+        m = store.volume("demo").load()
+        assert m.generation == report.generation
         assert _identical(store.volume("demo").top_path(m, "data"), saved[m.generation])
 
         # planned move: pause, final sync, stop here, start from the replica

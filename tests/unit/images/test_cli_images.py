@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from meshcloud.cli import main
 
 
 def test_kit_new_prints_the_secrets_once_and_show_never(
-    tmp_path: Path, monkeypatch: object
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # argon2 at full cost takes seconds per hash on a busy machine; the kit tests check it.
+    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    monkeypatch.setattr("meshcloud.images.kit.PasswordHasher", lambda: cheap)
     runner = CliRunner()
     out = tmp_path / "kit"
     result = runner.invoke(
