@@ -193,6 +193,29 @@ class ReplicationConfig(_Strict):
     compress: bool = Field(True, description="compress deltas on the wire")
 
 
+class ConsoleConfig(_Strict):
+    """The web console: users, sessions and TLS (see docs/console.md)."""
+
+    users_file: Path | None = Field(
+        None, description="console users and emergency codes; default state_dir/console/users.json"
+    )
+    kit_users_file: Path = Field(
+        Path("/etc/meshcloud/users.json"),
+        description="the kit's users.json, copied to users_file when the rack has none yet",
+    )
+    session_idle_s: float = Field(
+        8 * 3600.0, gt=60, le=7 * 86400, description="a session ends after this long unused"
+    )
+    tls_cert: Path | None = Field(None, description="the rack's TLS certificate (PEM)")
+    tls_key: Path | None = Field(None, description="the rack certificate's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ConsoleConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        return self
+
+
 class DaemonConfig(_Strict):
     """The whole daemon configuration file."""
 
@@ -204,6 +227,7 @@ class DaemonConfig(_Strict):
     timers: TimersConfig = TimersConfig()
     replication: ReplicationConfig = ReplicationConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @field_validator("state_dir")
     @classmethod
@@ -211,6 +235,10 @@ class DaemonConfig(_Strict):
         if not v.is_absolute():
             raise ValueError(f"must be an absolute path, not {str(v)!r}")
         return v
+
+    def users_path(self) -> Path:
+        """The rack's console users file (in the state dir unless configured)."""
+        return self.console.users_file or self.state_dir / "console" / "users.json"
 
     def libvirt_uri(self) -> str:
         """The libvirt URI to open: the configured one, or an embedded root in state_dir."""

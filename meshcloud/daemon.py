@@ -23,6 +23,8 @@ from meshcloud.discovery import Discovery
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.auth import api_token
+from meshcloud.web.tls import tls_context
+from meshcloud.web.users import UserStore
 
 log = logging.getLogger("meshcloud.daemon")
 
@@ -45,6 +47,9 @@ class Daemon:
             api_token=api_token(secret),
             control=self.control,
             status=self.status,
+            users=UserStore(cfg.users_path(), seed=cfg.console.kit_users_file),
+            session_idle_s=cfg.console.session_idle_s,
+            audit=self.control.add_event,
         )
         self._tasks: list[asyncio.Task[None]] = []
         w = cfg.watchdog
@@ -69,9 +74,13 @@ class Daemon:
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         net = self.cfg.network
-        site = web.TCPSite(runner, net.bind_address, net.api_port, reuse_address=True)
+        tls = tls_context(self.cfg.console.tls_cert, self.cfg.console.tls_key)
+        site = web.TCPSite(
+            runner, net.bind_address, net.api_port, reuse_address=True, ssl_context=tls
+        )
         await site.start()
-        log.info("API listening on %s:%d", net.bind_address, net.api_port)
+        scheme = "https" if tls is not None else "http"
+        log.info("API and console at %s://%s:%d/", scheme, net.bind_address, net.api_port)
 
     async def _join_cluster(self) -> None:
         store = await self.membership.establish()

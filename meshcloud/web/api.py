@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -77,8 +78,26 @@ async def undrain_rack(request: web.Request) -> web.Response:
     return await _set_drained(request, False)
 
 
+def _without_events(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "events"}
+
+
+async def _stream_updates(
+    updates: AsyncIterator[tuple[str, dict[str, Any]]],
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Cluster documents on the stream leave out their events: those come one by one."""
+    try:
+        async for kind, doc in updates:
+            yield kind, (_without_events(doc) if kind == "cluster" else doc)
+    finally:
+        aclose = getattr(updates, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 async def get_events(request: web.Request) -> web.StreamResponse:
     control = request.app[CONTROL]
     initial = [("event", e.to_dict()) for e in control.recent_events(RECENT_EVENTS)]
-    initial.append(("cluster", cluster_document(control, request.app[RACK_NAME])))
-    return await stream(request, initial, control.subscribe())
+    cluster = cluster_document(control, request.app[RACK_NAME])
+    initial.append(("cluster", _without_events(cluster)))
+    return await stream(request, initial, _stream_updates(control.subscribe()))

@@ -10,12 +10,20 @@ from aiohttp import web
 
 from meshcloud import __version__
 from meshcloud.web.api import CONTROL, RACK_NAME
-from meshcloud.web.auth import TOKEN_KEY, bearer_middleware
+from meshcloud.web.auth import TOKEN_KEY, auth_middleware
+from meshcloud.web.console import AUDIT, LIMITER, USERS
 from meshcloud.web.control import ClusterControl
+from meshcloud.web.csrf import csrf_middleware
 from meshcloud.web.errors import error_middleware
-from meshcloud.web.routes import add_api_routes
+from meshcloud.web.headers import add_security_headers
+from meshcloud.web.ratelimit import LoginLimiter
+from meshcloud.web.roles import roles_middleware
+from meshcloud.web.routes import add_api_routes, add_console_routes
+from meshcloud.web.sessions import SESSIONS, SessionStore, session_middleware
+from meshcloud.web.users import UserStore
 
 MAX_BODY_BYTES = 256 * 1024
+DEFAULT_SESSION_IDLE_S = 8 * 3600.0
 
 
 @dataclass
@@ -27,6 +35,9 @@ class WebContext:
     api_token: str
     control: ClusterControl | None = None
     status: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    users: UserStore | None = None  # console logins; without it only the bearer token works
+    session_idle_s: float = DEFAULT_SESSION_IDLE_S
+    audit: Callable[[str, str], None] | None = None  # (kind, sentence) into the event log
 
 
 CONTEXT = web.AppKey("context", WebContext)
@@ -42,12 +53,27 @@ async def health(request: web.Request) -> web.Response:
 def create_app(ctx: WebContext) -> web.Application:
     """Build the application.
 
-    Middlewares, outermost first: errors (maps every domain error to a JSON
-    error document, in one place), then bearer authentication.
+    Middlewares, outermost first:
+
+    1. errors: every domain error becomes a JSON error document, in one place;
+    2. sessions: the console session named by the cookie, if live;
+    3. auth: who is asking (bearer token or session), 401 otherwise;
+    4. csrf: a change made with a session cookie must carry the session's token;
+    5. roles: 403 when the caller's role is below what the request needs.
+
+    Security headers are added to every response as it is prepared (streams too).
     """
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, bearer_middleware]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[
+            error_middleware,
+            session_middleware,
+            auth_middleware,
+            csrf_middleware,
+            roles_middleware,
+        ],
     )
+    app.on_response_prepare.append(add_security_headers)
     app[CONTEXT] = ctx
     app[TOKEN_KEY] = ctx.api_token
     app[RACK_NAME] = ctx.rack
@@ -55,4 +81,11 @@ def create_app(ctx: WebContext) -> web.Application:
     if ctx.control is not None:
         app[CONTROL] = ctx.control
         add_api_routes(app)
+    if ctx.users is not None:
+        app[USERS] = ctx.users
+        app[SESSIONS] = SessionStore(ctx.session_idle_s)
+        app[LIMITER] = LoginLimiter()
+        if ctx.audit is not None:
+            app[AUDIT] = ctx.audit
+        add_console_routes(app)
     return app

@@ -19,7 +19,22 @@ from meshcloud.core.errors import (
 
 log = logging.getLogger(__name__)
 
+
+class LoginFailed(MeshcloudError):
+    """Wrong user name, password or emergency code (401)."""
+
+
+class TooManyAttempts(MeshcloudError):
+    """Login attempts are rate-limited for now (429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 STATUS_FOR: tuple[tuple[type[MeshcloudError], int], ...] = (
+    (LoginFailed, 401),
+    (TooManyAttempts, 429),
     (InvalidInput, 400),
     (ConfigError, 400),
     (NotFound, 404),
@@ -54,7 +69,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = status_for(exc)
         if status == 500:  # a bug or an unexpected failure; 503 is an expected state
             log.exception("request failed: %s %s", request.method, request.path)
-        return error_response(status, str(exc))
+        response = error_response(status, str(exc))
+        if isinstance(exc, TooManyAttempts):
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,10 +1,10 @@
-"""URL wiring only; handlers live in api.py and beside their domain."""
+"""URL wiring only; handlers live in api.py, console.py and static.py."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from meshcloud.web import api
+from meshcloud.web import api, console, static
 
 
 def add_api_routes(app: web.Application) -> None:
@@ -16,3 +16,18 @@ def add_api_routes(app: web.Application) -> None:
     r.add_post("/api/v1/racks/{name}/drain", api.drain_rack)
     r.add_post("/api/v1/racks/{name}/undrain", api.undrain_rack)
     r.add_get("/api/v1/events", api.get_events)
+
+
+def add_console_routes(app: web.Application) -> None:
+    """The console's pages and its own API (sessions, users, emergency codes)."""
+    r = app.router
+    r.add_get("/", static.index)
+    r.add_get("/static/{path:.+}", static.static_file)
+    r.add_post("/api/v1/session", console.login)
+    r.add_get("/api/v1/session", console.whoami)
+    r.add_delete("/api/v1/session", console.logout)
+    r.add_post("/api/v1/session/password", console.change_password)
+    r.add_get("/api/v1/users", console.list_users)
+    r.add_put("/api/v1/users/{name}", console.put_user)
+    r.add_delete("/api/v1/users/{name}", console.delete_user)
+    r.add_post("/api/v1/emergency-codes", console.new_emergency_codes)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,8 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 CLIENT_QUEUE = 256
-HEARTBEAT_S = 15.0
+HEARTBEAT_S = 5.0
+COALESCE_S = 1.0
 
 
 class Broadcaster:
@@ -65,8 +67,19 @@ async def stream(
     request: web.Request,
     initial: list[tuple[str, dict[str, Any]]],
     updates: AsyncIterator[tuple[str, dict[str, Any]]],
+    *,
+    coalesce: frozenset[str] = frozenset({"cluster"}),
+    min_interval_s: float = COALESCE_S,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> web.StreamResponse:
-    """Send ``initial`` messages, then ``updates`` until the client goes away."""
+    """Send ``initial`` messages, then ``updates`` until the client goes away.
+
+    Messages of a kind in ``coalesce`` (whole documents, such as the cluster)
+    go out at most once per ``min_interval_s``, the newest winning, so that a
+    slow link is not filled with documents nobody has time to read; other
+    messages go out at once. After ``heartbeat_s`` of silence a ``ping``
+    message is sent, so that a browser can tell a quiet stream from a dead one.
+    """
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -77,20 +90,45 @@ async def stream(
     await resp.prepare(request)
     for kind, doc in initial:
         await resp.write(sse_frame(kind, doc))
+    loop = asyncio.get_running_loop()
     iterator = updates.__aiter__()
+    next_item: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.ensure_future(
+        iterator.__anext__()
+    )
+    pending: dict[str, dict[str, Any]] = {}
+    last_sent: dict[str, float] = {}
+    last_write = loop.time()
     try:
         while True:
-            try:
-                kind, doc = await asyncio.wait_for(iterator.__anext__(), HEARTBEAT_S)
-            except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+            now = loop.time()
+            for kind in list(pending):
+                if now - last_sent.get(kind, -math.inf) >= min_interval_s:
+                    await resp.write(sse_frame(kind, pending.pop(kind)))
+                    last_sent[kind] = last_write = now
+            deadlines = [last_sent[k] + min_interval_s for k in pending]
+            deadlines.append(last_write + heartbeat_s)
+            done, _ = await asyncio.wait({next_item}, timeout=max(0.0, min(deadlines) - now))
+            if not done:
+                if loop.time() - last_write >= heartbeat_s:
+                    await resp.write(b"event: ping\ndata: {}\n\n")
+                    last_write = loop.time()
                 continue
+            try:
+                kind, doc = next_item.result()
             except StopAsyncIteration:
                 break
-            await resp.write(sse_frame(kind, doc))
+            next_item = asyncio.ensure_future(iterator.__anext__())
+            if kind in coalesce:
+                pending[kind] = doc
+            else:
+                await resp.write(sse_frame(kind, doc))
+                last_write = loop.time()
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        next_item.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+            await next_item
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

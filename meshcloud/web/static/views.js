@@ -1,0 +1,277 @@
+// The cluster screens: overview, racks, appliances, events, topology.
+// Each view is a function (state, ctx) -> Node; ctx has api(), can(role), notice().
+import { h, s, t, tn, badge, icon, field, fmtSeconds, fmtMiB, fmtTime, percent } from "./ui.js";
+
+// -- the model: plain data derived from the cluster document ---------------------------
+
+/** Racks with their health, load and what runs on them. */
+export function rackModel(doc) {
+  const health = (doc.health && doc.health.racks) || {};
+  const out = [];
+  for (const [name, rack] of Object.entries(doc.racks || {})) {
+    const hl = health[name] || {};
+    const used = { vcpus: 0, memory_mib: 0 };
+    const runs = [];
+    for (const a of Object.values(doc.assignments || {})) {
+      if (a.primary === name && a.state === "running") {
+        const spec = (doc.appliances || {})[a.appliance];
+        if (spec) {
+          used.vcpus += spec.vcpus;
+          used.memory_mib += spec.memory_mib;
+        }
+        runs.push(a.appliance);
+      }
+    }
+    let level, words;
+    if (hl.state === "lost") [level, words] = ["bad", t("rack_lost")];
+    else if (rack.drained) [level, words] = ["warn", t("rack_drained")];
+    else if (hl.state === "alive") [level, words] = ["ok", t("rack_alive")];
+    else [level, words] = ["unknown", t("rack_member")];
+    out.push({
+      name, site: rack.site, rack, health: hl, used, runs, level, words,
+      leader: doc.leader === name, voter: !!hl.voter,
+    });
+  }
+  return out;
+}
+
+/** Appliances with where they run, their replicas and how far behind each is. */
+export function applianceModel(doc) {
+  const racks = Object.fromEntries(rackModel(doc).map((r) => [r.name, r]));
+  const gens = doc.replica_generations || {};
+  return Object.values(doc.appliances || {}).map((spec) => {
+    const a = (doc.assignments || {})[spec.name];
+    const g = gens[spec.name] || {};
+    const primaryGen = a && a.primary ? g[a.primary] : undefined;
+    const replicas = (a ? a.replicas : []).map((r) => {
+      const gen = g[r];
+      const lag = typeof gen === "number" && typeof primaryGen === "number" ? Math.max(0, primaryGen - gen) : null;
+      return { rack: r, gen: typeof gen === "number" ? gen : null, lag, level: racks[r] ? racks[r].level : "unknown" };
+    });
+    let level, words;
+    if (!a) [level, words] = ["warn", t("app_unplaced")];
+    else if (a.state === "stopped") [level, words] = ["warn", t("app_stopped")];
+    else if (a.state === "waiting" || !a.primary) [level, words] = ["bad", t("app_waiting")];
+    else if (racks[a.primary] && racks[a.primary].level === "bad") [level, words] = ["bad", t("app_rack_lost", { rack: a.primary })];
+    else [level, words] = ["ok", t("app_running", { rack: a.primary })];
+    const short = a && a.state === "running" && a.replicas.length < spec.replicas;
+    return { spec, a, replicas, level, words, short, primaryGen };
+  });
+}
+
+const LEVEL_ORDER = { bad: 0, warn: 1, unknown: 2, ok: 3 };
+
+/** What needs attention, most urgent first: [{level, text, href}]. */
+export function attention(doc) {
+  const items = [];
+  if (!doc.leader) items.push({ level: "bad", text: t("att_no_leader"), href: "#/racks" });
+  for (const r of rackModel(doc)) {
+    if (r.level === "bad") items.push({ level: "bad", text: t("att_rack_lost", { rack: r.name, age: fmtSeconds(r.health.lease_age_s) }), href: "#/racks" });
+    else if (r.level === "warn") items.push({ level: "warn", text: t("att_rack_drained", { rack: r.name }), href: "#/racks" });
+  }
+  for (const m of applianceModel(doc)) {
+    if (m.level === "bad" || m.level === "warn") {
+      const reason = m.a && m.a.reason ? ` — ${m.a.reason}` : "";
+      items.push({ level: m.level, text: `${m.spec.name}: ${m.words}${reason}`, href: "#/appliances" });
+    } else if (m.short) {
+      items.push({ level: "warn", text: t("att_short", { app: m.spec.name, have: m.replicas.length, want: m.spec.replicas }), href: "#/appliances" });
+    }
+  }
+  return items.sort((x, y) => LEVEL_ORDER[x.level] - LEVEL_ORDER[y.level]);
+}
+
+function worst(levels) {
+  return levels.reduce((w, l) => (LEVEL_ORDER[l] < LEVEL_ORDER[w] ? l : w), "ok");
+}
+
+function waiting() {
+  return h("div", { class: "empty" }, h("div", { class: "spinner", "aria-hidden": "true" }), h("p", {}, t("waiting_for_data")));
+}
+
+// -- overview -------------------------------------------------------------------------
+
+export function overview(state) {
+  const doc = state.cluster;
+  if (!doc) return waiting();
+  const items = attention(doc);
+  const racks = rackModel(doc);
+  const apps = applianceModel(doc);
+  const level = items.length ? worst(items.map((i) => i.level)) : racks.some((r) => r.level === "unknown") ? "ok" : "ok";
+  const headline = items.length ? tn("att_count", items.length) : t("all_well");
+  return h("section", { class: "view" },
+    h("div", { class: `summary ${level}`, "data-testid": "summary" }, icon(level), h("p", {}, headline)),
+    items.length ? h("section", {},
+      h("h2", {}, t("needs_attention")),
+      h("ol", { class: "attention" }, items.map((i) => h("li", { class: i.level }, badge(i.level, ""), h("a", { href: i.href }, i.text))))) : null,
+    h("section", {},
+      h("h2", {}, h("a", { href: "#/racks" }, tn("racks_count", racks.length))),
+      h("ul", { class: "tiles" }, racks.map((r) => h("li", { class: `tile ${r.level}`, "data-rack": r.name },
+        h("strong", {}, r.name), " ", badge(r.level, r.words),
+        h("small", {}, t("site_is", { site: r.site }), r.leader ? ` · ${t("leader")}` : ""))))),
+    h("section", {},
+      h("h2", {}, h("a", { href: "#/appliances" }, tn("apps_count", apps.length))),
+      apps.length ? h("ul", { class: "tiles" }, apps.map((m) => h("li", { class: `tile ${m.level}`, "data-app": m.spec.name },
+        h("strong", {}, m.spec.name), " ", badge(m.level, m.words)))) : h("p", { class: "muted" }, t("no_apps"))),
+  );
+}
+
+// -- racks ----------------------------------------------------------------------------
+
+export function racksView(state, ctx) {
+  const doc = state.cluster;
+  if (!doc) return waiting();
+  const racks = rackModel(doc);
+  return h("section", { class: "view" },
+    h("p", { class: "muted" }, doc.leader ? t("leader_is", { rack: doc.leader, answered: doc.answered_by }) : t("att_no_leader")),
+    racks.some((r) => r.level === "unknown") ? h("p", { class: "note" }, t("member_note", { leader: doc.leader || "—" })) : null,
+    h("ul", { class: "cards" }, racks.map((r) => h("li", { class: `card ${r.level}`, "data-rack": r.name },
+      h("h2", {}, r.name, " ", badge(r.level, r.words)),
+      h("dl", {},
+        field(t("site"), r.site),
+        field(t("lease_age"), fmtSeconds(r.health.lease_age_s)),
+        field(t("load_cpu"), `${r.used.vcpus} / ${r.rack.capacity.vcpus} (${percent(r.used.vcpus, r.rack.capacity.vcpus)})`),
+        field(t("load_mem"), `${fmtMiB(r.used.memory_mib)} / ${fmtMiB(r.rack.capacity.memory_mib)} (${percent(r.used.memory_mib, r.rack.capacity.memory_mib)})`),
+        field(t("power"), r.rack.power || "—"),
+        field(t("role"), [r.leader ? t("leader") : null, r.voter ? t("voter") : t("follower")].filter(Boolean).join(", ")),
+        field(t("address"), r.rack.address ? `${r.rack.address}:${r.rack.api_port}` : "—"),
+        field(t("runs"), r.runs.length ? r.runs.join(", ") : "—"),
+        field(t("links"), r.leader ? t("links_leader") : r.health.state ? t("links_to_leader", { leader: doc.leader || "—", state: r.words }) : "—"),
+      ),
+      ctx.can("operator") ? h("div", { class: "actions" },
+        r.rack.drained
+          ? h("button", { onclick: () => ctx.act("POST", `/api/v1/racks/${r.name}/undrain`, null, t("done_undrain", { rack: r.name })) }, t("undrain"))
+          : h("button", { onclick: () => ctx.confirm(t("confirm_drain", { rack: r.name })) && ctx.act("POST", `/api/v1/racks/${r.name}/drain`, null, t("done_drain", { rack: r.name })) }, t("drain"))) : null,
+    ))),
+  );
+}
+
+// -- appliances -----------------------------------------------------------------------
+
+function replicaList(m) {
+  if (!m.replicas.length) return "—";
+  return h("ul", { class: "plain" }, m.replicas.map((r) => h("li", {},
+    badge(r.level, r.rack), " ",
+    r.gen === null ? t("gen_unknown") : r.lag === null ? t("gen", { gen: r.gen }) : t("gen_lag", { gen: r.gen, lag: r.lag }))));
+}
+
+const DISABLED_TIP = () => t("not_in_api");
+
+export function appliancesView(state, ctx) {
+  const doc = state.cluster;
+  if (!doc) return waiting();
+  const apps = applianceModel(doc);
+  const op = ctx.can("operator");
+  return h("section", { class: "view" },
+    apps.length ? null : h("p", { class: "muted" }, t("no_apps")),
+    h("ul", { class: "cards" }, apps.map((m) => h("li", { class: `card ${m.level}`, "data-app": m.spec.name },
+      h("h2", {}, m.spec.name, " ", badge(m.level, m.words)),
+      h("dl", {},
+        field(t("runs_on"), m.a && m.a.primary ? m.a.primary : "—"),
+        field(t("state"), m.a ? t(`state_${m.a.state}`) : "—"),
+        field(t("reason"), m.a && m.a.reason ? m.a.reason : "—"),
+        field(t("replicas"), replicaList(m)),
+        field(t("replicas_wanted"), String(m.spec.replicas)),
+        field(t("priority"), String(m.spec.priority)),
+        field(t("size"), `${m.spec.vcpus} vCPU, ${fmtMiB(m.spec.memory_mib)}`),
+        field(t("image"), m.spec.image),
+        field(t("epoch"), m.a ? String(m.a.epoch) : "—"),
+      ),
+      op ? h("div", { class: "actions" },
+        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("start")} — ${DISABLED_TIP()}` }, t("start")),
+        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("stop")} — ${DISABLED_TIP()}` }, t("stop")),
+        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("move")} — ${DISABLED_TIP()}` }, t("move")),
+        h("button", { onclick: () => ctx.edit(m.spec) }, t("edit")),
+        h("button", { class: "danger", onclick: () => ctx.confirm(t("confirm_delete", { app: m.spec.name })) && ctx.act("DELETE", `/api/v1/appliances/${m.spec.name}`, null, t("done_delete", { app: m.spec.name })) }, t("delete"))) : null,
+    ))),
+  );
+}
+
+// -- events ---------------------------------------------------------------------------
+
+const SEVERITY_LEVEL = { info: "ok", warning: "warn", critical: "bad" };
+
+/** The filter controls: built once per visit, so typing is never interrupted. */
+export function eventFilters(state, ctx) {
+  const f = state.filter;
+  return h("form", { class: "filters no-print", onsubmit: (e) => e.preventDefault() },
+    h("label", {}, t("filter_severity"), " ",
+      h("select", { name: "severity", onchange: (e) => ctx.setFilter({ severity: e.target.value }) },
+        ["", "critical", "warning", "info"].map((v) => h("option", { value: v, selected: f.severity === v }, v ? t(`sev_${v}`) : t("all"))))),
+    h("label", {}, t("filter_text"), " ",
+      h("input", { name: "text", type: "search", value: f.text, oninput: (e) => ctx.setFilter({ text: e.target.value }) })),
+    h("button", { type: "button", onclick: () => window.print() }, t("print_report")));
+}
+
+export function eventsView(state) {
+  const f = state.filter;
+  const needle = f.text.trim().toLowerCase();
+  const shown = state.events
+    .filter((e) => !f.severity || e.severity === f.severity)
+    .filter((e) => !needle || `${e.rack} ${e.kind} ${e.message} ${e.appliance || ""}`.toLowerCase().includes(needle))
+    .slice()
+    .sort((a, b) => (b.at || 0) - (a.at || 0) || b.seq - a.seq);
+  const doc = state.cluster;
+  const items = doc ? attention(doc) : [];
+  return h("section", { class: "view" },
+    h("div", { class: "print-only report-head" },
+      h("h2", {}, t("incident_report")),
+      h("p", {}, t("report_line", { cluster: doc ? doc.cluster_id : "—", rack: doc ? doc.answered_by : "—", at: new Date().toLocaleString() })),
+      items.length ? h("ul", {}, items.map((i) => h("li", {}, `[${t(`level_${i.level}`)}] ${i.text}`))) : h("p", {}, t("all_well"))),
+    h("p", { class: "muted" }, tn("events_count", shown.length)),
+    h("ol", { class: "events", "data-testid": "events" }, shown.map((e) => h("li", { class: SEVERITY_LEVEL[e.severity] || "ok" },
+      badge(SEVERITY_LEVEL[e.severity] || "ok", t(`sev_${e.severity}`)),
+      h("time", {}, fmtTime(e.at)), " ",
+      h("span", { class: "rack" }, e.rack), " ",
+      h("span", { class: "msg" }, e.message)))));
+}
+
+// -- topology -------------------------------------------------------------------------
+
+export function topologyView(state) {
+  const doc = state.cluster;
+  if (!doc) return waiting();
+  const racks = rackModel(doc);
+  const sites = [...new Set(racks.map((r) => r.site))].sort();
+  const W = 640, H = 420, cx = W / 2, cy = H / 2 + 10;
+  const pos = {};
+  const R = racks.length > 1 ? 150 : 0;
+  racks.forEach((r, i) => {
+    const angle = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(1, racks.length);
+    pos[r.name] = [cx + R * Math.cos(angle), cy + R * Math.sin(angle)];
+  });
+  const edges = [];
+  const leader = racks.find((r) => r.leader);
+  if (leader) {
+    for (const r of racks) {
+      if (r === leader) continue;
+      const [x1, y1] = pos[leader.name], [x2, y2] = pos[r.name];
+      edges.push(s("line", { x1, y1, x2, y2, class: `edge ${r.level}` }, s("title", {}, t("edge_lease", { rack: r.name, age: fmtSeconds(r.health.lease_age_s) }))));
+    }
+  }
+  const flows = [];
+  for (const m of applianceModel(doc)) {
+    if (!m.a || !m.a.primary || !pos[m.a.primary]) continue;
+    for (const rep of m.replicas) {
+      if (!pos[rep.rack]) continue;
+      const [x1, y1] = pos[m.a.primary], [x2, y2] = pos[rep.rack];
+      flows.push(s("line", { x1, y1, x2, y2, class: "flow" }, s("title", {}, t("edge_replica", { app: m.spec.name, from: m.a.primary, to: rep.rack }))));
+    }
+  }
+  const nodes = racks.map((r) => {
+    const [x, y] = pos[r.name];
+    const siteIndex = sites.indexOf(r.site);
+    return s("g", { class: `node ${r.level}`, transform: `translate(${x.toFixed(1)},${y.toFixed(1)})`, "data-rack": r.name },
+      s("rect", { x: -58, y: -30, width: 116, height: 60, rx: 8 }),
+      s("use", { href: `#i-${r.level}`, x: -50, y: -22, width: 16, height: 16, class: `icon ${r.level}` }),
+      s("text", { x: -30, y: -9, class: "name" }, r.name),
+      s("text", { x: 0, y: 9, "text-anchor": "middle" }, r.words),
+      s("text", { x: 0, y: 23, "text-anchor": "middle", class: "site" }, `${t("site")} ${r.site}${r.leader ? " ★" : ""}`),
+      s("title", {}, `${r.name}: ${r.words}; ${t("site")} ${r.site} (${siteIndex + 1}/${sites.length})`));
+  });
+  return h("section", { class: "view" },
+    h("figure", { class: "topology" },
+      s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": t("topology_label", { n: racks.length }) },
+        s("g", {}, flows), s("g", {}, edges), s("g", {}, nodes)),
+      h("figcaption", {}, t("topology_legend"))),
+  );
+}
