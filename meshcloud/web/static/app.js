@@ -82,13 +82,30 @@ function loggedOut() {
 // -- live updates -----------------------------------------------------------------------
 
 function addEvent(e) {
-  const key = `${e.rack}/${e.seq}/${e.at}`;
+  const key = `${e.rack}/${e.kind}/${e.seq}/${e.at}`;
   if (state.seen.has(key)) return;
   state.seen.add(key);
   state.events.push(e);
   if (state.events.length > MAX_EVENTS) {
     const gone = state.events.splice(0, state.events.length - MAX_EVENTS);
-    for (const g of gone) state.seen.delete(`${g.rack}/${g.seq}/${g.at}`);
+    for (const g of gone) state.seen.delete(`${g.rack}/${g.kind}/${g.seq}/${g.at}`);
+  }
+}
+
+let consoleSeq = 0;
+
+/** Rack losses and returns this console saw happen: kept with the events for the report. */
+function noteTransitions(before, after) {
+  const old = (before && before.health && before.health.racks) || {};
+  for (const [name, hl] of Object.entries((after.health && after.health.racks) || {})) {
+    const prev = old[name];
+    if (!prev || prev.state === hl.state || (prev.state !== "lost" && hl.state !== "lost")) continue;
+    const lost = hl.state === "lost";
+    addEvent({
+      seq: ++consoleSeq, at: Date.now() / 1000, rack: after.answered_by || "console", kind: "console",
+      severity: lost ? "critical" : "info", appliance: null,
+      message: lost ? t("seen_lost", { rack: name, age: fmtSeconds(hl.lease_age_s) }) : t("seen_back", { rack: name }),
+    });
   }
 }
 
@@ -106,7 +123,9 @@ function startStream() {
   source.addEventListener("ping", heard);
   source.addEventListener("cluster", (m) => {
     heard();
-    state.cluster = JSON.parse(m.data);
+    const doc = JSON.parse(m.data);
+    noteTransitions(state.cluster, doc);
+    state.cluster = doc;
     state.lastUpdate = performance.now();
     queueRender();
   });

@@ -86,9 +86,12 @@ export function fmtMiB(mib) {
   return mib >= 1024 ? t("gib", { n: (mib / 1024).toFixed(mib % 1024 ? 1 : 0) }) : t("mib", { n: mib });
 }
 
+/** Local time as 2026-11-22 06:54:05: the same in every language, no month/day confusion. */
 export function fmtTime(at) {
   if (typeof at !== "number" || at < 1e9) return "—";
-  return new Date(at * 1000).toLocaleString(lang(), { hour12: false });
+  const d = new Date(at * 1000);
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
 }
 
 export function percent(part, whole) {

@@ -60,6 +60,7 @@ export function applianceModel(doc) {
 }
 
 const LEVEL_ORDER = { bad: 0, warn: 1, unknown: 2, ok: 3 };
+export const SEVERITY_LEVEL = { info: "ok", warning: "warn", critical: "bad" };
 
 /** What needs attention, most urgent first: [{level, text, href}]. */
 export function attention(doc) {
@@ -156,6 +157,16 @@ function replicaList(m) {
 
 const DISABLED_TIP = () => t("not_in_api");
 
+/** The newest event about appliance `name` (by its field, or naming it in the sentence). */
+export function latestAbout(events, name) {
+  const word = new RegExp(`(^|[^a-z0-9-])${name}($|[^a-z0-9-])`);
+  let best = null;
+  for (const e of events) {
+    if ((e.appliance === name || word.test(e.message)) && (!best || (e.at || 0) >= (best.at || 0))) best = e;
+  }
+  return best;
+}
+
 export function appliancesView(state, ctx) {
   const doc = state.cluster;
   if (!doc) return waiting();
@@ -169,6 +180,7 @@ export function appliancesView(state, ctx) {
         field(t("runs_on"), m.a && m.a.primary ? m.a.primary : "—"),
         field(t("state"), m.a ? t(`state_${m.a.state}`) : "—"),
         field(t("reason"), m.a && m.a.reason ? m.a.reason : "—"),
+        field(t("latest"), ((e) => (e ? [h("time", {}, fmtTime(e.at)), " ", e.rack, ": ", e.message] : "—"))(latestAbout(state.events, m.spec.name))),
         field(t("replicas"), replicaList(m)),
         field(t("replicas_wanted"), String(m.spec.replicas)),
         field(t("priority"), String(m.spec.priority)),
@@ -188,7 +200,6 @@ export function appliancesView(state, ctx) {
 
 // -- events ---------------------------------------------------------------------------
 
-const SEVERITY_LEVEL = { info: "ok", warning: "warn", critical: "bad" };
 
 /** The filter controls: built once per visit, so typing is never interrupted. */
 export function eventFilters(state, ctx) {
