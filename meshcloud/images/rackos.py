@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -64,6 +65,8 @@ IMAGE_NAME = "rack-os.img"
 VENV = "/opt/meshcloud/venv"
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 ROOT_LABEL = "mc-root"
+EXT4_SUPERBLOCK_OFFSET = 1024
+EXT4_LAST_MOUNTED = 0x88  # s_last_mounted, 64 bytes
 HEADROOM_BYTES = 384 * MIB  # free space on / before first-boot growth (logs, state)
 UNITS_TO_ENABLE = (
     "meshcloud-identity.service",
@@ -300,25 +303,38 @@ def epoch_env() -> dict[str, str]:
 
 
 def debugfs_epoch_script(tree: Path, epoch: int = SOURCE_DATE_EPOCH) -> str:
-    """debugfs commands setting the superblock's times and every inode's ctime to ``epoch``.
+    """debugfs commands that make the file system's times depend on the inputs only.
+
+    - the superblock's times: ``epoch``;
+    - every inode's ctime (mkfs.ext4 -d copies it from the tree, where no tool
+      can set it): ``epoch``;
+    - directories' and symbolic links' atime (mkfs.ext4 gives them the time
+      it made them): their mtime, as for files (see :func:`clamp_mtimes`);
+    - the boot loader's files and directory, which extlinux made: ``epoch``.
 
     Paths come from ``tree`` (what mkfs.ext4 -d copied); a path debugfs cannot
-    quote (a double quote or a newline in it) keeps its time.
+    quote (a double quote or a newline in it) keeps its times.
     """
     at = f"@{epoch}"
     cmds = [f"ssv {field} {at}" for field in ("mtime", "wtime", "lastcheck", "mkfs_time")]
-    cmds += ["ssv mnt_count 0", "ssv kbytes_written 0", "ssv last_mounted /"]
-    boot = ["/boot/extlinux/ldlinux.sys", "/boot/extlinux/ldlinux.c32"]
+    cmds += ["ssv mnt_count 0", "ssv kbytes_written 0"]
+    boot = ["/boot/extlinux/ldlinux.sys", "/boot/extlinux/ldlinux.c32", "/boot/extlinux"]
     for path in boot:
-        cmds += [f'sif "{path}" {field} {at}' for field in ("atime", "mtime", "crtime")]
-    paths = ["/", *boot]
+        cmds += [f'sif "{path}" {field} {at}' for field in ("atime", "mtime", "crtime", "ctime")]
+        cmds += [f'sif "{path}" {field}_extra 0' for field in ("atime", "mtime", "crtime", "ctime")]
+    entries = [("/", tree)]
     for dirpath, dirnames, filenames in os.walk(tree):
         rel = "/" + os.path.relpath(dirpath, tree).removeprefix(".").lstrip("/")
         for name in [*dirnames, *filenames]:
-            paths.append(os.path.join(rel, name))
-    for path in paths:
-        if '"' not in path and "\n" not in path:
-            cmds.append(f'sif "{path}" ctime {at}')
+            entries.append((os.path.join(rel, name), Path(dirpath) / name))
+    for path, source in entries:
+        if '"' in path or "\n" in path or path in boot:
+            continue
+        cmds += [f'sif "{path}" ctime {at}', f'sif "{path}" ctime_extra 0']
+        st = os.lstat(source)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            mtime = min(int(st.st_mtime), epoch)
+            cmds += [f'sif "{path}" atime @{mtime}', f'sif "{path}" atime_extra 0']
     return "\n".join(cmds) + "\n"
 
 
@@ -335,17 +351,22 @@ def dpkg_versions(status_text: str) -> dict[str, str]:
 
 
 def clamp_mtimes(root: Path, epoch: int) -> int:
-    """Set every mtime/atime newer than ``epoch`` to ``epoch``; return how many changed."""
-    changed = 0
+    """Give every file whole-second times: mtime clamped to ``epoch``, atime = mtime.
+
+    Returns how many mtimes were clamped. (The ctimes cannot be set here;
+    :func:`debugfs_epoch_script` sets them in the file system.)
+    """
+    clamped = 0
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if st.st_mtime > epoch or st.st_atime > epoch:
-                os.utime(path, (epoch, epoch), follow_symlinks=False)
-                changed += 1
+            mtime = int(os.lstat(path).st_mtime)
+            if mtime > epoch:
+                mtime = epoch
+                clamped += 1
+            os.utime(path, ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
     os.utime(root, (epoch, epoch))
-    return changed
+    return clamped
 
 
 def tree_bytes(root: Path, block: int = 4096) -> int:
@@ -527,7 +548,12 @@ def _install_bootloader(
         # The mount stamped the superblock and extlinux's files with today's time, and
         # mkfs.ext4 -d copied each file's ctime (which no tool can set) from the tree:
         # put SOURCE_DATE_EPOCH everywhere so that rebuilds compare equal.
-        run_tool(["debugfs", "-w", "-f", "-", loop], input_text=debugfs_epoch_script(tree),
+        # The kernel wrote the mount point's path (a temporary directory) into the
+        # superblock; zero it here, debugfs then rewrites the superblock's checksum
+        # (-n: it must not refuse the superblock it is about to fix).
+        with open(loop, "r+b", buffering=0) as dev:
+            os.pwrite(dev.fileno(), bytes(64), EXT4_SUPERBLOCK_OFFSET + EXT4_LAST_MOUNTED)
+        run_tool(["debugfs", "-w", "-n", "-f", "-", loop], input_text=debugfs_epoch_script(tree),
                  env=epoch_env(), what="debugfs (timestamps)")  # fmt: skip
     finally:
         run_tool(["losetup", "--detach", loop])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -106,9 +107,13 @@ def test_debugfs_script_resets_every_time_to_the_epoch(tmp_path: Path) -> None:
     (tmp_path / "etc" / "ssh").mkdir(parents=True)
     (tmp_path / "etc" / "ssh" / "with space").write_text("x")
     (tmp_path / 'bad"name').write_text("x")
+    (tmp_path / "bin").symlink_to("usr/bin")
+    os.utime(tmp_path / "bin", (1000, 1000), follow_symlinks=False)
     script = debugfs_epoch_script(tmp_path).splitlines()
     at = f"@{SOURCE_DATE_EPOCH}"
     assert f"ssv wtime {at}" in script and f"ssv mkfs_time {at}" in script
     assert f'sif "/etc/ssh/with space" ctime {at}' in script
     assert f'sif "/etc" ctime {at}' in script and f'sif "/" ctime {at}' in script
     assert not any("bad" in line for line in script)  # cannot be quoted: left alone
+    assert 'sif "/bin" atime @1000' in script  # a symlink's atime: its mtime
+    assert f'sif "/boot/extlinux" mtime {at}' in script
