@@ -575,6 +575,7 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         self._prevote_votes: set[str] = set()
         self._prevote_won = False
         self._sent_marker: tuple[int, int] = (0, 0)
+        self._last_members_sent = 0.0
         self._command_filter = command_filter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -721,11 +722,40 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
 
     def _before_poll(self) -> None:
         """Runs at the end of each tick, before the library sleeps in its poll."""
+        self._tell_followers_the_voters()
         if self._SyncObj__raftState != _RAFT_STATE.LEADER:
             return
         marker = (self._last_index(), int(self._SyncObj__raftCommitIndex))
         if marker != self._sent_marker:
             self.wake()  # new entries or a new commit index: do not sleep, send them
+
+    # -- followers find every voter --------------------------------------------------------------
+    def _tell_followers_the_voters(self) -> None:
+        """Once a second, a voter tells its followers (readonly nodes) who votes.
+
+        A follower receives the log only from the leader, and connects only to
+        the voters it knows: one that joined knowing a single member would
+        never hear from a leader elsewhere. This tells it about the others.
+        """
+        now = time.monotonic()
+        if self.selfNode is None or now - self._last_members_sent < 1.0:
+            return
+        self._last_members_sent = now
+        readonly = self._SyncObj__readonlyNodes
+        if not readonly:
+            return
+        voters = sorted({n.id for n in self._SyncObj__otherNodes} | {self.selfNode.id})
+        for node in list(readonly):
+            self.transport.send(node, {"type": "mc_voters", "voters": voters})
+
+    def _on_voters(self, message: dict[str, Any]) -> None:
+        if self.selfNode is not None or not self.conf.dynamicMembershipChange:
+            return
+        known = {n.id for n in self._SyncObj__otherNodes}
+        for address in message["voters"]:
+            if isinstance(address, str) and address not in known and ":" in address:
+                log.info("raft: learnt of voter %s; connecting to it", address)
+                self._SyncObj__doChangeCluster(["add", address, TCPNode(address)])
 
     # -- pre-vote (Raft thesis 9.6) -------------------------------------------------------------
     def _maybe_prevote(self) -> None:
@@ -855,6 +885,8 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
                 self._on_prevote(node, message)
             elif kind == "mc_prevote_reply":
                 self._on_prevote_reply(node, message)
+            elif kind == "mc_voters":
+                self._on_voters(message)
             elif kind == "append_entries":
                 self._on_append_entries(node, message)
             elif kind == "next_node_idx" and message.get("term") != self.raftCurrentTerm:

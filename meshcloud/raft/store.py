@@ -20,8 +20,11 @@ Contract, for every implementation:
   the log and returns the result once it is committed and applied here. It
   raises Unavailable if that does not happen within the timeout (no leader,
   no quorum, leader changed): the command is never queued for later, but a
-  command that timed out MAY still have been committed (as with any
-  consensus system: read the map to find out). It raises InvalidInput,
+  command that timed out, or whose leader changed after it was sent, MAY
+  still have been committed (as with any consensus system: the message says
+  "outcome unknown"; read the map to find out). A rack that cannot reach a
+  quorum for longer than the Raft connection timeout (1.5 s) drops what it
+  had sent, so such a command does not commit later. It raises InvalidInput,
   Conflict or NotFound when the state machine refuses the command; such a
   command changed nothing.
 * ``add_member(rack)`` registers a rack (or updates its address, ports,

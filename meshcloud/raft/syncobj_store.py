@@ -44,14 +44,18 @@ from meshcloud.raft.store import MemberStatus, PlacementStore, StoreStatus
 
 log = logging.getLogger("meshcloud.raft")
 
+# Why a command failed, and whether it may still commit (Raft cannot always tell).
 _FAILURES = {
-    FAIL_REASON.QUEUE_FULL: "the Raft command queue is full",
-    FAIL_REASON.MISSING_LEADER: "no Raft leader is known (election running, or cut off)",
-    FAIL_REASON.DISCARDED: "a new leader discarded the command",
-    FAIL_REASON.NOT_LEADER: "the leader changed before the command committed",
-    FAIL_REASON.LEADER_CHANGED: "the leader changed before the command committed",
-    FAIL_REASON.REQUEST_DENIED: "the leader refused the request",
-    FAIL_REASON.UNKNOWN_OUTCOME: "the outcome is unknown (the state moved past it)",
+    FAIL_REASON.QUEUE_FULL: "not committed: the Raft command queue is full",
+    FAIL_REASON.MISSING_LEADER: "not committed: no Raft leader is known (election, or cut off)",
+    FAIL_REASON.DISCARDED: "not committed: a new leader replaced the command",
+    FAIL_REASON.REQUEST_DENIED: "not committed: the leader refused the request",
+    FAIL_REASON.NOT_LEADER: "outcome unknown: the leader changed after the command was sent"
+    " (it may still commit: re-read the map before retrying)",
+    FAIL_REASON.LEADER_CHANGED: "outcome unknown: the leader changed after the command was sent"
+    " (it may still commit: re-read the map before retrying)",
+    FAIL_REASON.UNKNOWN_OUTCOME: "outcome unknown: the map moved past the command"
+    " (re-read the map before retrying)",
 }
 
 
@@ -408,8 +412,8 @@ class SyncObjStore(PlacementStore):
                 " the map before retrying)"
             ) from None
         if error != FAIL_REASON.SUCCESS:
-            reason = _FAILURES.get(error, f"pysyncobj error {error}")
-            raise Unavailable(f"not committed: {reason}; retry later")
+            reason = _FAILURES.get(error, f"outcome unknown: pysyncobj error {error}")
+            raise Unavailable(f"{reason}; retry later")
         return result
 
     async def _membership(self, action: str, address: str) -> bool:

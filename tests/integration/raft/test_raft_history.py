@@ -15,21 +15,19 @@ it does; it fails only if upstream changed.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from history import History, check, client
-from raftcluster import FAST_TIMERS, RAFTNODE, SECRET, RaftNode, fill_ballast, wait_until
+from raftcluster import FAST_TIMERS, RaftNode, fill_ballast, wait_until
+from raftlab import leader_rack, start_lab, wait_answering
 
 from meshcloud.lab.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 RACKS = 5
-RAFT_PORT = 7440
 CLIENTS_PER_RACK = 4
 WRITE_TIMEOUT_S = 10.0
 CONF = {**FAST_TIMERS, "logCompactionMinEntries": 100, "commandsWaitLeader": False,
@@ -38,50 +36,7 @@ BALLAST = 2000  # a snapshot bigger than the socket buffers, as a real map over 
 
 
 def start_raft_lab(lab_factory: Callable[..., Lab], mode: str) -> tuple[Lab, dict[str, RaftNode]]:
-    lab = lab_factory(
-        RACKS, daemon_argv=[sys.executable, str(RAFTNODE), "{rack_dir}/raft.json"],
-        start_daemons=False,
-    )  # fmt: skip
-    racks = lab.racks()
-    peers = [f"{lab.rack(r).ip}:{RAFT_PORT}" for r in racks]
-    nodes = {}
-    for rack in racks:
-        info = lab.rack(rack)
-        config: dict[str, Any] = {
-            "mode": mode, "name": rack, "address": info.ip, "port": RAFT_PORT,
-            "peers": peers, "state_dir": str(info.state_dir / "raft"),
-            "control": str(info.rack_dir / "control.sock"), "secret": SECRET, "conf": CONF,
-        }  # fmt: skip
-        if mode == "stock":
-            config["password"] = "stock-history-password"
-        (info.rack_dir / "raft.json").write_text(json.dumps(config))
-        nodes[rack] = RaftNode(rack, info.ip, RAFT_PORT, info.rack_dir, config)
-    for rack in racks:
-        lab.start_daemon(rack, wait=False)
-    return lab, nodes
-
-
-async def answering(node: RaftNode) -> bool:
-    return bool(await node.status())
-
-
-async def leader_rack(nodes: dict[str, RaftNode], timeout_s: float = 20.0) -> str:
-    """The rack a majority of racks follows."""
-    by_address = {f"{n.address}:{n.port}": name for name, n in nodes.items()}
-
-    async def find() -> str | None:
-        votes: dict[str, int] = {}
-        for node in nodes.values():
-            try:
-                leader = (await node.status()).get("leader")
-            except OSError:
-                continue
-            if leader in by_address:
-                votes[by_address[leader]] = votes.get(by_address[leader], 0) + 1
-        winners = [rack for rack, count in votes.items() if count > len(nodes) / 2]
-        return winners[0] if winners else None
-
-    return await wait_until(find, timeout_s, "a leader followed by a majority")
+    return start_lab(lab_factory, mode, RACKS, conf=CONF)
 
 
 async def nemesis(lab: Lab, nodes: dict[str, RaftNode], log: list[str]) -> None:
@@ -114,8 +69,7 @@ async def nemesis(lab: Lab, nodes: dict[str, RaftNode], log: list[str]) -> None:
 
 
 async def run_history(lab: Lab, nodes: dict[str, RaftNode]) -> tuple[History, list[str], list[str]]:
-    for node in nodes.values():
-        await wait_until(lambda n=node: answering(n), 30.0, f"{node.name} to start")
+    await wait_answering(nodes)
     first = nodes[await leader_rack(nodes)]
     await fill_ballast(first, BALLAST)
 

@@ -164,6 +164,9 @@ async def test_the_minority_side_cannot_commit(
         answer = await node.append("h", f"minority-{node.name}", timeout_s=2.0)
         assert not answer["ok"] and answer["error"] == "Unavailable", answer
     values = await writes_everywhere(cluster, "h", majority)
+    await asyncio.sleep(2.5)  # the stimulus: the split outlasts the connection timeout (1.5 s)
+    for node in majority:
+        assert not any(v.startswith("minority") for v in await node.values("h"))
     firewall.heal()
     await applied_everywhere(cluster, "h", values)
     history = await minority[0].values("h")
