@@ -226,7 +226,7 @@ export function eventsView(state) {
   return h("section", { class: "view" },
     h("div", { class: "print-only report-head" },
       h("h2", {}, t("incident_report")),
-      h("p", {}, t("report_line", { cluster: doc ? doc.cluster_id : "—", rack: doc ? doc.answered_by : "—", at: new Date().toLocaleString() })),
+      h("p", {}, t("report_line", { cluster: doc ? doc.cluster_id : "—", rack: doc ? doc.answered_by : "—", at: fmtTime(Date.now() / 1000) })),
       items.length ? h("ul", {}, items.map((i) => h("li", {}, `[${t(`level_${i.level}`)}] ${i.text}`))) : h("p", {}, t("all_well"))),
     h("p", { class: "muted" }, tn("events_count", shown.length)),
     h("ol", { class: "events", "data-testid": "events" }, shown.map((e) => h("li", { class: SEVERITY_LEVEL[e.severity] || "ok" },
