@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from meshcloud.web.auth import request_principal
+from meshcloud.web.auth import LOGIN_PATH, request_principal
 from meshcloud.web.errors import Handler, error_response
 from meshcloud.web.sessions import request_session
 
@@ -45,7 +45,7 @@ async def csrf_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if _foreign_origin(request):
         return error_response(403, "refused: the request comes from another site")
     session = request_session(request)
-    if session is not None:
+    if session is not None and not (request.path == LOGIN_PATH and request.method == "POST"):
         given = request.headers.get(HEADER, "")
         if not hmac.compare_digest(given.encode(), session.csrf.encode()):
             return error_response(

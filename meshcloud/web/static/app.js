@@ -16,6 +16,8 @@ const state = {
   lastMessage: 0,
   lastUpdate: 0,
   filter: { severity: "", text: "" },
+  diverged: null, // kept-aside copies (GET /api/v1/diverged), when this version has them
+  divergedAt: -Infinity,
   editing: null,
 };
 let source = null;
@@ -160,7 +162,20 @@ async function checkSessionThenStream() {
   }
 }
 
+async function refreshDiverged() {
+  state.divergedAt = performance.now();
+  try {
+    state.diverged = (await api("GET", "/api/v1/diverged")).diverged;
+  } catch (ex) {
+    state.diverged = null; // absent (404) or unreachable: the section stays hidden
+  }
+  queueRender();
+}
+
 function tick() {
+  if (state.me && !mustChange() && ["overview", "appliances", "events"].includes(route()) && performance.now() - state.divergedAt > 10000) {
+    refreshDiverged();
+  }
   if (state.me && source && state.connected && performance.now() - state.lastMessage > STALE_S * 1000) {
     // a half-open connection (the rack lost power, the link dropped): start over
     state.connected = false;
@@ -180,8 +195,10 @@ function updatedText() {
   return age === null ? t("not_updated") : t("updated_ago", { age: age < 120 ? t("seconds", { n: Math.floor(age) }) : fmtSeconds(age) });
 }
 
+const mustChange = () => !!state.me && state.me.must_change_password && !state.me.emergency;
+
 function showBanner() {
-  const down = !!state.me && !state.connected;
+  const down = !!state.me && !mustChange() && !state.connected;
   banner.hidden = !down;
   if (down) banner.replaceChildren(badge("bad", t("conn_lost")), " ", h("span", {}, t("conn_lost_help", { updated: updatedText() })));
   document.body.classList.toggle("offline", down);
@@ -196,6 +213,7 @@ const ctx = {
   login,
   can,
   render: () => render(),
+  start: () => start(),
   notice,
   confirm: (q) => window.confirm(q),
   prompt: (q) => window.prompt(q),
@@ -203,6 +221,7 @@ const ctx = {
     try {
       await api(method, path, body);
       notice(done);
+      if (path.startsWith("/api/v1/diverged")) refreshDiverged();
     } catch (ex) {
       notice(ex.message, true);
     }
@@ -262,7 +281,7 @@ function header(current) {
   }
   const items = NAV.map((n) => h("a", { href: `#/${n}`, "aria-current": n === current ? "page" : null }, t(`nav_${n}`)));
   if (can("admin")) items.push(h("a", { href: "#/users", "aria-current": current === "users" ? "page" : null }, t("nav_users")));
-  const count = state.cluster ? attention(state.cluster).length : 0;
+  const count = state.cluster ? attention(state.cluster, state.diverged).length : 0;
   if (count) items[0].append(h("span", { class: "count", "aria-label": t("needs_attention") }, String(count)));
   nav.replaceChildren(...items);
   who.replaceChildren(
@@ -330,7 +349,8 @@ async function switchLanguage(code) {
 
 function start() {
   shown = null;
-  startStream();
+  if (mustChange()) stopStream(); // the API refuses everything else until then
+  else if (!source) startStream();
   render();
 }
 

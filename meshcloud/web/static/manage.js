@@ -67,7 +67,7 @@ export function passwordView(state, ctx) {
       state.me = await ctx.api("POST", "/api/v1/session/password", body);
       ctx.notice(t("password_changed"));
       location.hash = "#/overview";
-      ctx.render();
+      ctx.start();
     } catch (ex) {
       showError(err, ex.message);
     }

@@ -63,8 +63,11 @@ const LEVEL_ORDER = { bad: 0, warn: 1, unknown: 2, ok: 3 };
 export const SEVERITY_LEVEL = { info: "ok", warning: "warn", critical: "bad" };
 
 /** What needs attention, most urgent first: [{level, text, href}]. */
-export function attention(doc) {
+export function attention(doc, diverged) {
   const items = [];
+  for (const c of diverged || []) {
+    if (!c.discard) items.push({ level: "warn", text: t("att_kept", { app: c.appliance, rack: c.rack }), href: "#/appliances" });
+  }
   if (!doc.leader) items.push({ level: "bad", text: t("att_no_leader"), href: "#/racks" });
   for (const r of rackModel(doc)) {
     if (r.level === "bad") items.push({ level: "bad", text: t("att_rack_lost", { rack: r.name, age: fmtSeconds(r.health.lease_age_s) }), href: "#/racks" });
@@ -94,7 +97,7 @@ function waiting() {
 export function overview(state) {
   const doc = state.cluster;
   if (!doc) return waiting();
-  const items = attention(doc);
+  const items = attention(doc, state.diverged);
   const racks = rackModel(doc);
   const apps = applianceModel(doc);
   const level = items.length ? worst(items.map((i) => i.level)) : racks.some((r) => r.level === "unknown") ? "ok" : "ok";
@@ -173,6 +176,7 @@ export function appliancesView(state, ctx) {
   const apps = applianceModel(doc);
   const op = ctx.can("operator");
   return h("section", { class: "view" },
+    keptAside(state.diverged, ctx),
     apps.length ? null : h("p", { class: "muted" }, t("no_apps")),
     h("ul", { class: "cards" }, apps.map((m) => h("li", { class: `card ${m.level}`, "data-app": m.spec.name },
       h("h2", {}, m.spec.name, " ", badge(m.level, m.words)),
@@ -196,6 +200,25 @@ export function appliancesView(state, ctx) {
         h("button", { class: "danger", onclick: () => ctx.confirm(t("confirm_delete", { app: m.spec.name })) && ctx.act("DELETE", `/api/v1/appliances/${m.spec.name}`, null, t("done_delete", { app: m.spec.name })) }, t("delete"))) : null,
     ))),
   );
+}
+
+/** Copies racks kept aside after a failover: writes the cluster does not have. */
+export function keptAside(copies, ctx) {
+  if (!copies || !copies.length) return null;
+  return h("section", { class: "kept", "data-testid": "kept-aside" },
+    h("h2", {}, t("kept_title")),
+    h("p", { class: "muted" }, t("kept_help")),
+    h("ul", { class: "cards" }, copies.map((c) => h("li", { class: `card ${c.discard ? "unknown" : "warn"}` },
+      h("h2", {}, c.appliance, " ", badge(c.discard ? "unknown" : "warn", c.discard ? t("kept_discarding") : t("kept_on", { rack: c.rack }))),
+      h("dl", {},
+        field(t("kept_writes"), t("kept_generations", { from: c.common_generation + 1, to: c.last_generation })),
+        field(t("kept_when"), `${fmtTime(c.first_write_at)} – ${fmtTime(c.last_write_at)}`),
+        field(t("size"), fmtMiB(Math.round(c.bytes / 1048576))),
+        field(t("reason"), c.reason || "—"),
+        field("id", c.id)),
+      ctx.can("operator") && !c.discard ? h("div", { class: "actions" },
+        h("button", { class: "danger", onclick: () => ctx.confirm(t("kept_confirm", { app: c.appliance, rack: c.rack })) &&
+          ctx.act("DELETE", `/api/v1/diverged/${c.rack}/${encodeURIComponent(c.id)}`, null, t("kept_done")) }, t("kept_discard"))) : null))));
 }
 
 // -- events ---------------------------------------------------------------------------
@@ -222,7 +245,7 @@ export function eventsView(state) {
     .slice()
     .sort((a, b) => (b.at || 0) - (a.at || 0) || b.seq - a.seq);
   const doc = state.cluster;
-  const items = doc ? attention(doc) : [];
+  const items = doc ? attention(doc, state.diverged) : [];
   return h("section", { class: "view" },
     h("div", { class: "print-only report-head" },
       h("h2", {}, t("incident_report")),
