@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 CLIENT_QUEUE = 256
 HEARTBEAT_S = 5.0
 COALESCE_S = 1.0
+RECONNECT_MS = 1500
 
 
 class Broadcaster:
@@ -88,6 +89,7 @@ async def stream(
         }
     )
     await resp.prepare(request)
+    await resp.write(f"retry: {RECONNECT_MS}\n\n".encode())  # browsers reconnect this soon
     for kind, doc in initial:
         await resp.write(sse_frame(kind, doc))
     loop = asyncio.get_running_loop()

@@ -141,7 +141,7 @@ function startStream() {
     showBanner();
     if (source && source.readyState === EventSource.CLOSED) {
       // the server refused the stream (logged out?) or the rack is gone: ask again later
-      setTimeout(checkSessionThenStream, 3000);
+      setTimeout(checkSessionThenStream, 1500);
     }
   });
 }

@@ -23,6 +23,9 @@ async def read_frames(resp: Any, count: int, timeout_s: float) -> list[tuple[str
         while b"\n\n" in buf:
             raw, buf = buf.split(b"\n\n", 1)
             lines = dict(line.split(": ", 1) for line in raw.decode().splitlines())
+            if "event" not in lines:  # the retry hint
+                assert lines == {"retry": "1500"}
+                continue
             frames.append((lines["event"], json.loads(lines["data"])))
     return frames
 
