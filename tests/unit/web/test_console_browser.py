@@ -23,9 +23,10 @@ from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.users import UserStore
 from tests.unit.web.fake_cluster import CODES, FAST_HASHER, PASSWORDS, MemoryControl, write_users
 
-pytestmark = pytest.mark.skipif(
-    browser_unavailable() is not None, reason=str(browser_unavailable())
-)
+pytestmark = [
+    pytest.mark.slow,  # ~20 s: Chromium, two logins, a rack stopped and started again
+    pytest.mark.skipif(browser_unavailable() is not None, reason=str(browser_unavailable())),
+]
 UI_MS = 15_000
 KEPT = {
     "rack": "rack-3", "id": "voip.e2-1", "appliance": "voip", "epoch": 2,
