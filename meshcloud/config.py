@@ -136,6 +136,11 @@ class TimersConfig(_Strict):
     fence_grace_s: float = Field(
         10.0, gt=0, description="paused appliances are destroyed after this"
     )
+    pause_ahead_s: float = Field(
+        0.5,
+        ge=0,
+        description="a rack pauses its appliances this long before its lease runs out",
+    )
     raft_min_timeout_s: float = Field(0.2, gt=0, description="Raft election timeout, lower bound")
     raft_max_timeout_s: float = Field(0.6, gt=0, description="Raft election timeout, upper bound")
     raft_append_period_s: float = Field(0.05, gt=0, description="leader heartbeat period")
@@ -147,6 +152,11 @@ class TimersConfig(_Strict):
             raise ValueError(
                 f"lease_s ({self.lease_s}) must exceed 3 x renew_s ({self.renew_s})"
                 " so that one lost renewal does not fence a healthy rack"
+            )
+        if self.pause_ahead_s >= self.lease_s - 2 * self.renew_s:
+            raise ValueError(
+                f"pause_ahead_s ({self.pause_ahead_s}) must be less than lease_s ({self.lease_s})"
+                f" - 2 x renew_s ({self.renew_s}) so that a healthy rack never pauses"
             )
         if self.raft_max_timeout_s <= self.raft_min_timeout_s:
             raise ValueError(
@@ -191,6 +201,29 @@ class ReplicationConfig(_Strict):
     interval_s: float = Field(2.0, gt=0, le=3600, description="ship a delta this often")
     bwlimit_kbps: int = Field(0, ge=0, description="per-link rate limit in KiB/s, 0 = none")
     compress: bool = Field(True, description="compress deltas on the wire")
+    ssh_key: Path | None = Field(
+        None,
+        description="the cluster's replication private key (kit: ssh/replication_ed25519);"
+        " unset: nothing is shipped (docs/failover.md)",
+    )
+    known_hosts: Path | None = Field(
+        None, description="pinned host keys of the other racks (no trust on first use)"
+    )
+    ssh_user: str = Field("root", description="login on the other racks for replication")
+    ssh_port: int = Field(22, ge=1, le=65535, description="sshd port of the other racks")
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not v or len(v) > 32 or not all(c.isalnum() or c in "-_" for c in v) or v[0] == "-":
+            raise ValueError(f"{v!r} is not a valid user name")
+        return v
+
+    @model_validator(mode="after")
+    def _keys(self) -> ReplicationConfig:
+        if self.ssh_key is not None and self.known_hosts is None:
+            raise ValueError("ssh_key needs known_hosts (the racks' pinned host keys)")
+        return self
 
 
 class ConsoleConfig(_Strict):

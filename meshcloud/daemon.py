@@ -14,7 +14,10 @@ from aiohttp import web
 
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
+from meshcloud.agent.divergence import DivergenceKeeper
+from meshcloud.agent.fencing import RackHooks, WatchdogGate
 from meshcloud.agent.lease import LeaseKeeper
+from meshcloud.agent.replication_wiring import ReplicationWiring
 from meshcloud.agent.runtime import run_appliance_loops
 from meshcloud.agent.watchdog import Watchdog, make_watchdog
 from meshcloud.config import DaemonConfig
@@ -50,10 +53,13 @@ class Daemon:
             users=UserStore(cfg.users_path(), seed=cfg.console.kit_users_file),
             session_idle_s=cfg.console.session_idle_s,
             audit=self.control.add_event,
+            failover=self.control,
         )
         self._tasks: list[asyncio.Task[None]] = []
         w = cfg.watchdog
         self.watchdog: Watchdog = make_watchdog(w.mode, w.socket, w.device)
+        self.gate = WatchdogGate(self.watchdog, self._lease_expiry)
+        self.wiring: ReplicationWiring | None = None
 
     def status(self) -> dict[str, Any]:
         """What /api/v1/health adds: formation progress and the store's view (hints)."""
@@ -82,6 +88,11 @@ class Daemon:
         scheme = "https" if tls is not None else "http"
         log.info("API and console at %s://%s:%d/", scheme, net.bind_address, net.api_port)
 
+    def _lease_expiry(self) -> float | None:
+        if self.lease is None:
+            return None
+        return self.lease.own.expires_at(self.lease.timers.lease_s)
+
     async def _join_cluster(self) -> None:
         store = await self.membership.establish()
         self.store = store
@@ -90,17 +101,48 @@ class Daemon:
             self.cfg.rack.name,
             store,
             LeaseTimers(t.renew_s, t.lease_s, t.margin_s),
-            on_extended=self.watchdog.arm,
+            on_extended=self.gate.lease_extended,
+            fence_ahead_s=t.pause_ahead_s,
         )
         self._spawn(self.lease.run(), "lease")
+        self.wiring = ReplicationWiring(self.cfg, store, self.control.add_event)
+        await self.wiring.async_start()
         self.control.attach(store, self.lease)
+        self.control.attach_replication(self.wiring)
+        self._spawn(self.wiring.report_loop(), "replica-reports")
+        hooks = RackHooks(self.gate, self.lease.fence_in, self.wiring.lease_seen)
         self._spawn(
-            run_appliance_loops(self.cfg, store, self.lease, self.control.add_event),
+            run_appliance_loops(
+                self.cfg,
+                store,
+                self.lease,
+                self.control.add_event,
+                engine=self.wiring.engine,
+                hooks=hooks,
+                on_hypervisor=self._hypervisor_ready,
+            ),
             "appliances",
         )
         cluster_uuid = self.discovery.status.cluster_uuid
         log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
         await self.membership.publish_loop(store)
+
+    def _hypervisor_ready(self, hv: Any) -> None:
+        """The agent opened the hypervisor: live replication, and the divergence keeper."""
+        wiring, store, lease = self.wiring, self.store, self.lease
+        assert wiring is not None and store is not None and lease is not None
+        wiring.attach_hypervisor(hv)
+        keeper = DivergenceKeeper(
+            self.cfg.rack.name,
+            wiring.volumes,
+            store,
+            status_of=wiring.primary_status,
+            list_domains=hv.async_list,
+            lease_held=lambda: lease.view().held,
+            on_event=self.control.add_event,
+        )
+        self._spawn(keeper.run(), "divergence")
+        self._spawn(_warm_up(hv), "hypervisor-warm-up")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -126,6 +168,10 @@ class Daemon:
         if self.store is not None:
             await self.store.stop()
 
+    async def _stop_replication(self) -> None:
+        if self.wiring is not None:
+            await asyncio.to_thread(self.wiring.stop)
+
     async def run(self) -> None:
         """Run until ``stopping`` is set (SIGTERM/SIGINT)."""
         async with AsyncExitStack() as stack:
@@ -134,12 +180,25 @@ class Daemon:
             stack.callback(self.watchdog.close)
             stack.push_async_callback(self.discovery.stop)
             stack.push_async_callback(self._stop_store)
+            stack.push_async_callback(self._stop_replication)
             stack.push_async_callback(self.control.close)
             stack.push_async_callback(self._stop_tasks)
             self._spawn(self._join_cluster(), "cluster")
             log.info("rack %s (site %s) started", self.cfg.rack.name, self.cfg.rack.site)
             await self.stopping.wait()
             log.info("rack %s stopping", self.cfg.rack.name)
+
+
+async def _warm_up(hv: Any) -> None:
+    """Have libvirt probe QEMU now, not at the first start: a failover must not wait for it.
+
+    An embedded libvirt root probes the QEMU binary's capabilities (seconds on
+    a loaded host) the first time a domain is defined, and caches the result.
+    """
+    try:
+        await hv.async_run(lambda conn: conn.getDomainCapabilities(None, None, None, "qemu", 0))
+    except Exception as exc:  # only an optimisation: the first start probes anyway
+        log.info("probing QEMU's capabilities ahead of time failed: %s", exc)
 
 
 def run_daemon(cfg: DaemonConfig) -> None:

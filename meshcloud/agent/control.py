@@ -28,12 +28,17 @@ class StoreControl:
         self.bus = Broadcaster()
         self.local_events: list[Event] = []
         self._watcher: asyncio.Task[None] | None = None
+        self.replication: Any = None  # the daemon's ReplicationWiring, once it runs
 
     def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
         self.store = store
         self.lease = lease
         self._watcher = asyncio.create_task(self._watch(), name="control-watch")
+
+    def attach_replication(self, wiring: Any) -> None:
+        """Show the replication engine's lag and metrics (a ReplicationWiring)."""
+        self.replication = wiring
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -89,7 +94,66 @@ class StoreControl:
             "store": status.to_dict(),
             "racks": racks,
             "own_lease_s": round(own, 3) if own is not None else None,
+            "replication": self.replication_status(),
         }
+
+    # -- failover and replication (meshcloud.web.failover_api) ------------------------
+
+    def replication_status(self) -> dict[str, Any]:
+        """This rack's engine: whether it ships, whether it is fenced, each replica's lag."""
+        wiring = self.replication
+        if wiring is None:
+            return {"shipping": False, "fenced": None, "lag_s": {}}
+        return {
+            "shipping": wiring.ships,
+            "fenced": wiring.engine.fenced,
+            "lag_s": wiring.lags(),
+        }
+
+    def diverged(self) -> list[dict[str, Any]]:
+        """Copies racks kept aside after failovers, from the map (any rack answers)."""
+        state = self._require().state()
+        return [c.to_dict() for _key, c in sorted(state.diverged.items())]
+
+    async def discard_diverged(self, rack: str, ident: str) -> dict[str, Any]:
+        """Ask ``rack`` to delete a kept-aside copy (it does so when it next runs)."""
+        store = self._require()
+        if f"{rack}/{ident}" not in store.state().diverged:
+            raise NotFound(f"rack {rack} has no diverged copy {ident}")
+        await store.propose({"op": "diverged_discard", "rack": rack, "id": ident})
+        return store.state().diverged[f"{rack}/{ident}"].to_dict()
+
+    def metrics_text(self) -> str:
+        """Prometheus text: leases, this rack's replication, kept-aside copies."""
+        lines: list[str] = []
+        if self.lease is not None:
+            own = self.lease.expires_in()
+            lines += [
+                "# HELP meshcloud_lease_remaining_seconds Time left on this rack's own lease.",
+                "# TYPE meshcloud_lease_remaining_seconds gauge",
+                f"meshcloud_lease_remaining_seconds {max(own, 0.0) if own is not None else 0:.3f}",
+            ]
+            silent = self.lease.silent_for()
+            if silent:
+                lines += [
+                    "# HELP meshcloud_rack_silent_seconds Time since a rack last renewed"
+                    " (the leader's view).",
+                    "# TYPE meshcloud_rack_silent_seconds gauge",
+                ]
+                lines += [
+                    f'meshcloud_rack_silent_seconds{{rack="{r}"}} {v:.3f}'
+                    for r, v in sorted(silent.items())
+                ]
+        if self.store is not None:
+            lines += [
+                "# HELP meshcloud_diverged_copies Copies kept aside after failovers.",
+                "# TYPE meshcloud_diverged_copies gauge",
+                f"meshcloud_diverged_copies {len(self.store.state().diverged)}",
+            ]
+        text = "\n".join(lines) + "\n" if lines else ""
+        if self.replication is not None:
+            text += self.replication.metrics_text()
+        return text
 
     def leader(self) -> str | None:
         return self.store.status().leader if self.store is not None else None

@@ -35,11 +35,15 @@ class LeaseKeeper:
         *,
         now: Callable[[], float] = clock.now,
         on_extended: Callable[[float], None] | None = None,
+        fence_ahead_s: float = 0.0,
     ) -> None:
         self.rack = rack
         self.store = store
         self.timers = timers
         self.now = now
+        # The rack acts as if its lease ran out this much early, so that its
+        # appliances are paused (and the watchdog disarmed) before the deadline.
+        self.fence_ahead_s = fence_ahead_s
         self.own = OwnLease()
         self.started_at = now()
         self.leadership: Leadership | None = None
@@ -49,12 +53,22 @@ class LeaseKeeper:
 
     # -- this rack -----------------------------------------------------------------------
     def view(self) -> LeaseView:
-        """This rack's lease for the reconcile decision."""
+        """This rack's lease for the reconcile decision (lost ``fence_ahead_s`` early)."""
         now = self.now()
-        if self.own.held(now, self.timers.lease_s):
-            return LeaseView.holding()
         expiry = self.own.expires_at(self.timers.lease_s)
-        return LeaseView.lost(expiry if expiry is not None else self.started_at)
+        if expiry is not None and now < expiry - self.fence_ahead_s:
+            return LeaseView.holding()
+        return LeaseView.lost(
+            expiry - self.fence_ahead_s if expiry is not None else self.started_at
+        )
+
+    def fence_in(self) -> float | None:
+        """Seconds until :meth:`view` says the lease is lost; None when it is not held now."""
+        expiry = self.own.expires_at(self.timers.lease_s)
+        if expiry is None:
+            return None
+        left = expiry - self.fence_ahead_s - self.now()
+        return left if left > 0 else None
 
     def expires_in(self) -> float | None:
         expiry = self.own.expires_at(self.timers.lease_s)

@@ -39,6 +39,7 @@ from meshcloud.clock import now as clock_now
 from meshcloud.core.errors import MeshcloudError
 from meshcloud.core.models import ApplianceState, ClusterSnapshot
 from meshcloud.core.reconcile import (
+    ACTIVE,
     LIVE,
     Action,
     CrashHistory,
@@ -165,6 +166,26 @@ class _StartFailure:
     message: str
 
 
+class CycleHooks:
+    """What the daemon hooks into each agent cycle (fencing; see meshcloud.agent.fencing).
+
+    The base class does nothing: tests and racks without a watchdog use it.
+    """
+
+    def lease_seen(self, held: bool) -> None:
+        """Called every cycle with whether the lease is held (replication fences on loss)."""
+
+    def may_run(self) -> None:
+        """Called right before a Start or Resume runs (the watchdog is armed here)."""
+
+    def nothing_runs(self) -> None:
+        """Called after a cycle without the lease once no domain is active (disarm)."""
+
+    def wake_in(self) -> float | None:
+        """Seconds until the agent must run a cycle anyway (the lease's deadline), or None."""
+        return None
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     period_s: float = 1.0
@@ -189,8 +210,15 @@ def _revision_other_than(revision: int) -> Callable[[PlacementState], bool]:
     return lambda state: state.revision != revision
 
 
-def replication_duties(rack: str, snapshot: ClusterSnapshot) -> dict[str, ReplicationDuty]:
-    """What the replication engine must do as primary here, from the map."""
+def replication_duties(
+    rack: str, snapshot: ClusterSnapshot, domains: Mapping[str, LocalDomain] | None = None
+) -> dict[str, ReplicationDuty]:
+    """What the replication engine must do as primary here, from the map.
+
+    With ``domains``, only appliances whose VM is live here under the map's
+    epoch: the engine must not freeze an appliance between the moment the
+    agent asked for its disk paths and the moment its VM starts on them.
+    """
     duties = {}
     for name, asg in snapshot.assignments.items():
         spec = snapshot.appliances.get(name)
@@ -198,6 +226,10 @@ def replication_duties(rack: str, snapshot: ClusterSnapshot) -> dict[str, Replic
             continue
         if not spec.disks:
             continue
+        if domains is not None:
+            dom = domains.get(name)
+            if dom is None or dom.state not in LIVE or dom.epoch != asg.epoch:
+                continue
         duties[name] = ReplicationDuty(name, asg.epoch, spec.priority, asg.replicas)
     return duties
 
@@ -217,6 +249,7 @@ class RackAgent:
         engine: ReplicationEngine | None = None,
         on_event: EventSink | None = None,
         clock: Callable[[], float] = clock_now,
+        hooks: CycleHooks | None = None,
     ) -> None:
         self.rack = rack
         self.store = store
@@ -228,6 +261,7 @@ class RackAgent:
         self.engine = engine
         self.on_event = on_event
         self.clock = clock
+        self.hooks = hooks or CycleHooks()
         self.book = CrashBook()
         self.start_failures: dict[str, _StartFailure] = {}
         self.last_reason = ""
@@ -258,8 +292,12 @@ class RackAgent:
                 except Exception as exc:  # one bad cycle must not end the rack's agent
                     log.exception("agent cycle failed: %s", exc)
                     self._emit("agent", f"agent cycle failed: {exc}; retrying", None)
+                timeout = self.settings.period_s
+                due = self.hooks.wake_in()
+                if due is not None:  # be awake when the lease runs out: pause at once
+                    timeout = min(timeout, max(0.005, due + 0.005))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.period_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout)
         finally:
             for task in [*watchers, *self._stops.values()]:
                 task.cancel()
@@ -288,8 +326,12 @@ class RackAgent:
 
     async def cycle(self) -> Decision:
         """Read, decide, act: one cycle. Returns the decision (for tests and the API)."""
-        snapshot = self.store.snapshot()
         domains = local_domains(await self.hv.async_list())
+        # The lease first, then the map, with no await between: a lease held now rests on a
+        # renewal this rack has applied, so the map read next holds every move committed
+        # before it (a move away from this rack cannot commit while its lease runs).
+        lease = self.lease_view()
+        snapshot = self.store.snapshot()
         now = self.clock()
         for name in self.book.observe(domains, now):
             log.warning("appliance %s is no longer running and nobody stopped it", name)
@@ -298,18 +340,25 @@ class RackAgent:
             self.rack,
             snapshot,
             domains,
-            self.lease_view(),
+            lease,
             self.book.histories,
             now,
             self.settings.policy,
         )
+        self.hooks.lease_seen(lease.held)
         if self.engine is not None:
-            self.engine.set_duties(replication_duties(self.rack, snapshot))
+            self.engine.set_duties(replication_duties(self.rack, snapshot, domains))
         outcomes = []
         for action in decision.actions:
+            if isinstance(action, Start | Resume):
+                self.hooks.may_run()
             outcome = await self._execute(action, snapshot)
             if outcome:
                 outcomes.append(outcome)
+        if not lease.held:
+            after = await self.hv.async_list()
+            if not any(DomainState(str(info.state)) in ACTIVE for info in after.values()):
+                self.hooks.nothing_runs()
         forgotten = await self._forget_deleted(snapshot, domains)
         outcomes.extend(forgotten)
         sentence = "; ".join([decision.reason, *outcomes])

@@ -28,7 +28,7 @@ from meshcloud import clock
 from meshcloud.agent.executor import ActionExecutor, HostSettings
 from meshcloud.agent.images import ImageCatalog
 from meshcloud.agent.leader import PlacementLoop
-from meshcloud.agent.rack import AgentSettings, RackAgent, short_embed_uri
+from meshcloud.agent.rack import AgentSettings, CycleHooks, RackAgent, short_embed_uri
 from meshcloud.agent.volumes import ApplianceVolumes
 from meshcloud.config import DaemonConfig
 from meshcloud.core.errors import MeshcloudError, ReplicationError
@@ -39,6 +39,9 @@ from meshcloud.replication.engine import ReplicationEngine
 log = logging.getLogger("meshcloud.agent")
 
 HYPERVISOR_RETRY_S = 10.0
+# The leader re-places at least this often: a rack counts as lost the moment its
+# lease runs out on the leader's clock, and nothing else wakes the loop then.
+PLACEMENT_PERIOD_S = 0.2
 EventSink = Callable[[str, str, "str | None"], None]
 
 
@@ -68,13 +71,17 @@ async def run_appliance_loops(
     on_event: EventSink,
     *,
     engine: ReplicationEngine | None = None,
+    hooks: CycleHooks | None = None,
+    on_hypervisor: Callable[[Any], None] | None = None,
 ) -> None:
     """Run the placement loop and the rack agent until cancelled.
 
     ``lease`` is the daemon's LeaseKeeper (``view()`` for this rack,
     ``alive()`` for the leader), or None to act as if every rack held one.
     ``engine``: the daemon's replication engine if it runs one; otherwise an
-    engine is made for the volume layer alone.
+    engine is made for the volume layer alone. ``hooks``: the daemon's fencing
+    hooks into each agent cycle (watchdog, replication). ``on_hypervisor`` is
+    called with the hypervisor adapter once it is open.
     """
     rack = cfg.rack.name
     placement = PlacementLoop(
@@ -82,12 +89,13 @@ async def run_appliance_loops(
         store,
         alive=(lambda _snap: lease.alive()) if lease is not None else None,
         on_event=on_event,
+        period_s=PLACEMENT_PERIOD_S,
     )
     placement_task = asyncio.create_task(placement.run(), name="placement")
     own_engine = engine is None
     volumes_engine = engine if engine is not None else volume_engine(cfg)
     try:
-        await _run_agent(cfg, store, lease, on_event, volumes_engine)
+        await _run_agent(cfg, store, lease, on_event, volumes_engine, hooks, on_hypervisor)
     finally:
         placement_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -102,6 +110,8 @@ async def _run_agent(
     lease: Any,
     on_event: EventSink,
     engine: ReplicationEngine,
+    hooks: CycleHooks | None = None,
+    on_hypervisor: Callable[[Any], None] | None = None,
 ) -> None:
     from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor
 
@@ -121,6 +131,8 @@ async def _run_agent(
             continue
         break
     log.info("rack %s runs appliances on %s", rack, uri)
+    if on_hypervisor is not None:
+        on_hypervisor(hv)
     executor = ActionExecutor(
         hv, ApplianceVolumes(engine), ImageCatalog(cfg.state_dir / "images"), host_settings(cfg)
     )
@@ -134,6 +146,7 @@ async def _run_agent(
         engine=engine,
         on_event=on_event,
         clock=clock.now,
+        hooks=hooks,
     )
     try:
         await agent.run()

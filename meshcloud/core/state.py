@@ -24,6 +24,10 @@ assignment_set     assignment: an Assignment as a dict; expected_epoch: the
 lease_renew        rack, issued_at (the rack's clock at send), received_at
                    (the leader's clock at receipt), [leader, term]
 replica_report     appliance, rack, generation (never goes backwards)
+diverged_report    record: a copy a rack kept aside after a failover (rack, id,
+                   appliance, sizes and time span; see :class:`DivergedCopy`)
+diverged_discard   rack, id: an operator asks the rack to delete that copy
+diverged_remove    rack, id: the rack deleted it (or it is gone)
 append             key, value: append a value to a named list (history tests)
 =================  ==========================================================
 
@@ -58,6 +62,9 @@ from meshcloud.core.models import (
 )
 from meshcloud.core.names import name_problem, validate_name
 
+MAX_DIVERGED_ID_LEN = 128
+MAX_DIVERGED_REASON_LEN = 500
+
 MAX_CLUSTER_ID_LEN = 64
 MAX_REQUEST_ID_LEN = 64
 MAX_LOG_VALUE_LEN = 256
@@ -71,6 +78,92 @@ Result = dict[str, Any]
 
 def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class DivergedCopy:
+    """A copy of an appliance's disks that a rack kept aside instead of deleting it.
+
+    After a failover, a returning rack's old copy may hold writes the new
+    primary never received (made after ``common_generation``, the last
+    generation both histories share). The rack moves it to
+    ``<volumes>/.diverged/<id>/`` and records it here, so that any rack's API
+    lists it until an operator discards it (``discard`` set: the owning rack
+    deletes it, then removes the record). Times are wall-clock seconds.
+    """
+
+    rack: str
+    id: str
+    appliance: str
+    epoch: int
+    common_generation: int
+    last_generation: int
+    bytes: int
+    first_write_at: float
+    last_write_at: float
+    kept_at: float
+    reason: str = ""
+    discard: bool = False
+
+    def __post_init__(self) -> None:
+        validate_name("rack", self.rack)
+        validate_name("appliance", self.appliance)
+        if (
+            not isinstance(self.id, str)
+            or not 0 < len(self.id) <= MAX_DIVERGED_ID_LEN
+            or not self.id.startswith(self.appliance + ".")
+            or name_problem(self.id.replace(".", "-")) is not None
+        ):
+            raise InvalidInput(
+                f"diverged copy id {self.id!r:.60} must be '<appliance>.<suffix>' of letters,"
+                " digits, hyphens and dots"
+            )
+        for key in ("epoch", "common_generation", "last_generation", "bytes"):
+            _int("diverged copy", key, getattr(self, key))
+        for key in ("first_write_at", "last_write_at", "kept_at"):
+            _number("diverged copy", key, getattr(self, key))
+        if not isinstance(self.reason, str) or len(self.reason) > MAX_DIVERGED_REASON_LEN:
+            raise InvalidInput(
+                f"diverged copy: reason must be a string of at most {MAX_DIVERGED_REASON_LEN}"
+            )
+        if not isinstance(self.discard, bool):
+            raise InvalidInput("diverged copy: discard must be true or false")
+
+    @property
+    def key(self) -> str:
+        return f"{self.rack}/{self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rack": self.rack,
+            "id": self.id,
+            "appliance": self.appliance,
+            "epoch": self.epoch,
+            "common_generation": self.common_generation,
+            "last_generation": self.last_generation,
+            "bytes": self.bytes,
+            "first_write_at": self.first_write_at,
+            "last_write_at": self.last_write_at,
+            "kept_at": self.kept_at,
+            "reason": self.reason,
+            "discard": self.discard,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DivergedCopy:
+        fields = {
+            "rack", "id", "appliance", "epoch", "common_generation", "last_generation",
+            "bytes", "first_write_at", "last_write_at", "kept_at", "reason", "discard",
+        }  # fmt: skip
+        if not isinstance(data, Mapping):
+            raise InvalidInput("diverged copy: must be an object")
+        unknown = sorted(str(k) for k in data if k not in fields)
+        if unknown:
+            raise InvalidInput(f"diverged copy: unknown field(s) {', '.join(unknown)}")
+        missing = sorted(fields - {"reason", "discard"} - set(data))
+        if missing:
+            raise InvalidInput(f"diverged copy: missing field(s) {', '.join(missing)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -92,6 +185,7 @@ class PlacementState:
     leases: Mapping[str, Lease] = field(default_factory=_frozen)
     generations: Mapping[str, Mapping[str, int]] = field(default_factory=_frozen)
     logs: Mapping[str, tuple[str | int, ...]] = field(default_factory=_frozen)
+    diverged: Mapping[str, DivergedCopy] = field(default_factory=_frozen)  # "rack/id" -> copy
 
     def snapshot(self) -> ClusterSnapshot:
         """The immutable view the control loops read (see meshcloud.core.models)."""
@@ -121,6 +215,7 @@ class PlacementState:
                 k: dict(sorted(v.items())) for k, v in sorted(self.generations.items())
             },
             "logs": {k: list(v) for k, v in sorted(self.logs.items())},
+            "diverged": {k: v.to_dict() for k, v in sorted(self.diverged.items())},
         }
 
     @classmethod
@@ -140,6 +235,9 @@ class PlacementState:
             leases=_frozen({k: Lease.from_dict(v) for k, v in data.get("leases", {}).items()}),
             generations=_frozen({k: _frozen(v) for k, v in data.get("generations", {}).items()}),
             logs=_frozen({k: tuple(v) for k, v in data.get("logs", {}).items()}),
+            diverged=_frozen(
+                {k: DivergedCopy.from_dict(v) for k, v in data.get("diverged", {}).items()}
+            ),
         )
 
 
@@ -244,6 +342,9 @@ _FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "assignment_set": ({"assignment", "expected_epoch"}, set()),
     "lease_renew": ({"rack", "issued_at", "received_at"}, {"leader", "term"}),
     "replica_report": ({"appliance", "rack", "generation"}, set()),
+    "diverged_report": ({"record"}, set()),
+    "diverged_discard": ({"rack", "id"}, set()),
+    "diverged_remove": ({"rack", "id"}, set()),
     "append": ({"key", "value"}, set()),
 }
 OPS = tuple(sorted(_FIELDS))
@@ -326,6 +427,17 @@ def _check_report(c: Mapping[str, Any]) -> None:
     _int("replica_report", "generation", c["generation"])
 
 
+def _check_diverged_record(c: Mapping[str, Any]) -> None:
+    DivergedCopy.from_dict(_mapping("diverged_report", "record", c["record"]))
+
+
+def _check_diverged_key(c: Mapping[str, Any]) -> None:
+    validate_name("rack", c["rack"])
+    ident = c["id"]
+    if not isinstance(ident, str) or not 0 < len(ident) <= MAX_DIVERGED_ID_LEN:
+        raise InvalidInput(f"diverged copy id must be a string of 1-{MAX_DIVERGED_ID_LEN} chars")
+
+
 def _check_append(c: Mapping[str, Any]) -> None:
     key = c["key"]
     if name_problem(key) is not None:
@@ -348,6 +460,9 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "assignment_set": _check_assignment,
     "lease_renew": _check_lease,
     "replica_report": _check_report,
+    "diverged_report": _check_diverged_record,
+    "diverged_discard": _check_diverged_key,
+    "diverged_remove": _check_diverged_key,
     "append": _check_append,
 }
 
@@ -481,6 +596,34 @@ def _op_replica_report(s: PlacementState, c: Mapping[str, Any]) -> tuple[Placeme
     return replace(s, generations=generations), {"ok": True, "changed": True, "generation": gen}
 
 
+def _op_diverged_report(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    copy = DivergedCopy.from_dict(c["record"])
+    old = s.diverged.get(copy.key)
+    if old is not None and old.discard:
+        copy = replace(copy, discard=True)  # an operator's decision outlives a re-report
+    if old == copy:
+        return s, {"ok": True, "changed": False}
+    return replace(s, diverged=_set(s.diverged, copy.key, copy)), {"ok": True, "changed": True}
+
+
+def _op_diverged_discard(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    key = f"{c['rack']}/{c['id']}"
+    old = s.diverged.get(key)
+    if old is None:
+        raise NotFound(f"no diverged copy {c['id']} on rack {c['rack']}")
+    if old.discard:
+        return s, {"ok": True, "changed": False}
+    new = replace(old, discard=True)
+    return replace(s, diverged=_set(s.diverged, key, new)), {"ok": True, "changed": True}
+
+
+def _op_diverged_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    key = f"{c['rack']}/{c['id']}"
+    if key not in s.diverged:
+        return s, {"ok": True, "changed": False}
+    return replace(s, diverged=_without(s.diverged, key)), {"ok": True, "changed": True}
+
+
 def _op_append(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
     key, value = c["key"], c["value"]
     old = s.logs.get(key, ())
@@ -499,6 +642,9 @@ _OPS: dict[str, Callable[[PlacementState, Mapping[str, Any]], tuple[PlacementSta
     "assignment_set": _op_assignment_set,
     "lease_renew": _op_lease_renew,
     "replica_report": _op_replica_report,
+    "diverged_report": _op_diverged_report,
+    "diverged_discard": _op_diverged_discard,
+    "diverged_remove": _op_diverged_remove,
     "append": _op_append,
 }
 

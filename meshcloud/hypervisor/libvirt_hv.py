@@ -222,6 +222,15 @@ class LibvirtHypervisor(Hypervisor):
         """Run ``fn(connection)`` on the libvirt thread (for operations not wrapped here)."""
         return await self._call(lambda: fn(self._connection()))
 
+    def run_blocking(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run ``fn(connection)`` on the calling thread (libvirt connections are thread-safe).
+
+        For long operations that must not hold up the adapter's own thread,
+        such as the replication engine's snapshots and block commits: a pause
+        that fences the rack must never wait behind a merge.
+        """
+        return fn(self._connection())
+
     def _connection(self) -> libvirt.virConnect:
         if self._conn is None:
             raise HypervisorError("the hypervisor is not open: call async_open() first")

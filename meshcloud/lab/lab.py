@@ -171,6 +171,15 @@ class Lab:
         """Every rack's host key by lab address."""
         return self.dir / "ssh" / "known_hosts"
 
+    @property
+    def replication_key(self) -> Path:
+        """The lab cluster's replication key (the kit's ``ssh/replication_ed25519``).
+
+        Every rack's daemon ships with it and installs its public half, with a
+        forced command, in ``<state_dir>/ssh/authorized_keys`` (docs/failover.md).
+        """
+        return self.dir / "ssh" / "replication_ed25519"
+
     def fencer_socket(self, rack: str) -> Path:
         """The rack's fencing helper socket (the daemon arms it with its lease expiry)."""
         return self.rack_dir(rack) / "run" / "fencer.sock"
@@ -349,6 +358,7 @@ class Lab:
             f.write(secrets.token_hex(32) + "\n")
         self.ssh_key.parent.mkdir(parents=True, exist_ok=True)
         _keygen(self.ssh_key, f"meshcloud-lab-{self.name}")
+        _keygen(self.replication_key, f"meshcloud-replication-{self.name}")
 
     def _add_rack(self, state: LabState, index: int, site: str, spec: LinkSpec) -> None:
         name = plan.rack_name(index)
@@ -390,6 +400,9 @@ class Lab:
             bootstrap_expect=state.bootstrap_expect,
             state_dir=self.state_dir(rack.name),
             fencer_socket=self.fencer_socket(rack.name),
+            replication_key=self.replication_key if self.replication_key.exists() else None,
+            known_hosts=self.known_hosts,
+            replication_user=_replication_login(),
         )
         parse_config(data, f"lab config for {rack.name}")  # the schema is the contract
         self.config_path(rack.name).write_text(
@@ -801,6 +814,21 @@ def _ordered(services: dict[str, list[str]]) -> list[str]:
 def _starttime(pid: int | None) -> int | None:
     stat = procs.proc_stat(pid) if pid is not None else None
     return stat[1] if stat else None
+
+
+def _replication_login() -> str:
+    """The login the racks' replication key uses: a uid-0 account whose shell is /bin/sh.
+
+    sshd runs forced commands through the login shell; root's bash reads
+    ~/.bashrc on every ssh session (hundreds of ms on a busy machine), so the
+    lab creates ``mcrepl`` once (docs/replication.md); root if that fails.
+    """
+    from meshcloud.replication.testbed import ensure_login_user
+
+    try:
+        return ensure_login_user()
+    except (OSError, subprocess.CalledProcessError):
+        return "root"
 
 
 def _keygen(path: Path, comment: str) -> None:

@@ -220,8 +220,18 @@ def daemon_config(
     api_port: int = API_PORT,
     raft_port: int = RAFT_PORT,
     fencer_socket: Path | None = None,
+    replication_key: Path | None = None,
+    known_hosts: Path | None = None,
+    replication_user: str = "root",
 ) -> dict[str, Any]:
     """The rack daemon's config as plain data (validated by meshcloud.config before writing)."""
+    extra: dict[str, Any] = {}
+    if replication_key is not None and known_hosts is not None:
+        extra["replication"] = {
+            "ssh_key": str(replication_key),
+            "known_hosts": str(known_hosts),
+            "ssh_user": replication_user,
+        }
     return {
         "rack": {"name": rack, "site": site},
         "cluster": {"secret_file": str(secret_file), "bootstrap_expect": bootstrap_expect},
@@ -238,6 +248,7 @@ def daemon_config(
             if fencer_socket is not None
             else {"mode": "none"}
         ),
+        **extra,
     }
 
 

@@ -15,10 +15,11 @@ from meshcloud.web.console import AUDIT, LIMITER, USERS
 from meshcloud.web.control import ClusterControl
 from meshcloud.web.csrf import csrf_middleware
 from meshcloud.web.errors import error_middleware
+from meshcloud.web.failover_api import FAILOVER, FailoverView
 from meshcloud.web.headers import add_security_headers
 from meshcloud.web.ratelimit import LoginLimiter
 from meshcloud.web.roles import roles_middleware
-from meshcloud.web.routes import add_api_routes, add_console_routes
+from meshcloud.web.routes import add_api_routes, add_console_routes, add_failover_routes
 from meshcloud.web.sessions import SESSIONS, SessionStore, session_middleware
 from meshcloud.web.users import UserStore
 
@@ -38,6 +39,7 @@ class WebContext:
     users: UserStore | None = None  # console logins; without it only the bearer token works
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     audit: Callable[[str, str], None] | None = None  # (kind, sentence) into the event log
+    failover: FailoverView | None = None  # kept-aside copies, replication lag, /metrics
 
 
 CONTEXT = web.AppKey("context", WebContext)
@@ -81,6 +83,9 @@ def create_app(ctx: WebContext) -> web.Application:
     if ctx.control is not None:
         app[CONTROL] = ctx.control
         add_api_routes(app)
+    if ctx.failover is not None:
+        app[FAILOVER] = ctx.failover
+        add_failover_routes(app)
     if ctx.users is not None:
         app[USERS] = ctx.users
         app[SESSIONS] = SessionStore(ctx.session_idle_s)

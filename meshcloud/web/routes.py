@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from meshcloud.web import api, console, static
+from meshcloud.web import api, console, failover_api, static
 
 
 def add_api_routes(app: web.Application) -> None:
@@ -31,3 +31,12 @@ def add_console_routes(app: web.Application) -> None:
     r.add_put("/api/v1/users/{name}", console.put_user)
     r.add_delete("/api/v1/users/{name}", console.delete_user)
     r.add_post("/api/v1/emergency-codes", console.new_emergency_codes)
+
+
+def add_failover_routes(app: web.Application) -> None:
+    """Kept-aside copies, replication lag and Prometheus metrics (failover_api.py)."""
+    r = app.router
+    r.add_get("/api/v1/diverged", failover_api.list_diverged)
+    r.add_delete("/api/v1/diverged/{rack}/{id}", failover_api.discard_diverged)
+    r.add_get("/api/v1/replication", failover_api.get_replication)
+    r.add_get("/metrics", failover_api.metrics)
