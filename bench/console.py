@@ -125,7 +125,7 @@ def main() -> int:
         lab.up(racks=3, sites="north,north,south")
         api = LabApi(lab)
         racks = lab.racks()
-        for rack in racks:
+        for rack in racks:  # every rack gets its own hashes: fine, the bench only logs in
             write_users(lab.state_dir(rack) / "console" / "users.json")
         wait_for(lambda: api.one_cluster(racks), 60, "one cluster of 3")
         leader = wait_for(lambda: api.leader_of(racks), 30, "an agreed leader")

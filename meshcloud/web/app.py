@@ -22,6 +22,7 @@ from meshcloud.web.roles import roles_middleware
 from meshcloud.web.routes import add_api_routes, add_console_routes, add_failover_routes
 from meshcloud.web.sessions import SESSIONS, SessionStore, session_middleware
 from meshcloud.web.users import UserStore
+from meshcloud.web.users_sync import SYNC, UsersSync, sync_context
 
 MAX_BODY_BYTES = 256 * 1024
 DEFAULT_SESSION_IDLE_S = 8 * 3600.0
@@ -92,5 +93,8 @@ def create_app(ctx: WebContext) -> web.Application:
         app[LIMITER] = LoginLimiter()
         if ctx.audit is not None:
             app[AUDIT] = ctx.audit
+        if ctx.control is not None:
+            app[SYNC] = UsersSync(ctx.users, ctx.control, ctx.rack, ctx.api_token)
+            app.cleanup_ctx.append(sync_context)
         add_console_routes(app)
     return app

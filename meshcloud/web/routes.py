@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from meshcloud.web import api, console, failover_api, static
+from meshcloud.web import api, console, failover_api, static, users_sync
 
 
 def add_api_routes(app: web.Application) -> None:
@@ -31,6 +31,9 @@ def add_console_routes(app: web.Application) -> None:
     r.add_put("/api/v1/users/{name}", console.put_user)
     r.add_delete("/api/v1/users/{name}", console.delete_user)
     r.add_post("/api/v1/emergency-codes", console.new_emergency_codes)
+    if users_sync.SYNC in app:
+        r.add_get(users_sync.DOC_PATH, users_sync.get_users_doc)
+        r.add_put(users_sync.DOC_PATH, users_sync.put_users_doc)
 
 
 def add_failover_routes(app: web.Application) -> None:

@@ -8,7 +8,8 @@ The file has the deployment kit's format (meshcloud/images/kit.py, docs/kit.md):
 
 Only argon2 hashes are stored. A rack copies the kit's file into its state
 directory the first time it needs it (``seed``) and from then on changes its
-own copy; the file is re-read whenever it changes on disk. Emergency codes
+own copy, which users_sync.py keeps alike on every rack; the file is
+re-read whenever it changes on disk. Emergency codes
 are random strings printed once: a code works exactly once and involves no
 clock (racks may have no time source). Every blocking step (file I/O,
 argon2) runs in a worker thread.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -151,6 +153,10 @@ def parse_users(data: object, source: str = "users file") -> UsersDoc:
     return UsersDoc(tuple(users), tuple(codes), revision if isinstance(revision, int) else 0)
 
 
+def _digest(doc: UsersDoc) -> str:
+    return hashlib.sha256(json.dumps(doc.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def check_password(password: object) -> str:
     if not isinstance(password, str) or not MIN_PASSWORD_LEN <= len(password) <= MAX_PASSWORD_LEN:
         raise InvalidInput(
@@ -237,6 +243,7 @@ class UserStore:
         self._lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(VERIFY_SLOTS)
         self._dummy: str | None = None
+        self.on_change: list[Callable[[UsersDoc], None]] = []  # local changes (users_sync.py)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -261,10 +268,41 @@ class UserStore:
             self._mtime, self._doc = loaded
         return self._doc
 
-    async def _save(self, doc: UsersDoc) -> None:
-        doc = replace(doc, revision=doc.revision + 1)
+    async def _save(self, doc: UsersDoc, *, local: bool = True) -> None:
+        if local:
+            doc = replace(doc, revision=doc.revision + 1)
         self._mtime = await self._run(_write, self.path, doc)
         self._doc = doc
+        if local:
+            for callback in self.on_change:
+                callback(doc)
+
+    async def adopt(self, remote: UsersDoc) -> bool:
+        """Merge another rack's document; True if ours changed.
+
+        The higher revision wins (equal revisions: the larger digest, so every
+        rack picks the same); a code spent on either side stays spent. If the
+        merge differs from what the other rack sent, ours gets a new revision
+        (and is pushed on, through ``on_change``).
+        """
+        async with self._lock:
+            local = await self.doc()
+            if (remote.revision, _digest(remote)) > (local.revision, _digest(local)):
+                base, other = remote, local
+            else:
+                base, other = local, remote
+            spent = {(c.id, c.argon2) for c in other.codes if c.used}
+            codes = tuple(
+                replace(c, used=True) if (c.id, c.argon2) in spent else c for c in base.codes
+            )
+            merged = replace(base, codes=codes)
+            if merged == local:
+                return False
+            if merged == remote:
+                await self._save(merged, local=False)
+            else:
+                await self._save(replace(merged, revision=max(local.revision, remote.revision)))
+            return True
 
     async def _verify(self, hashed: str, secret: str) -> bool:
         async with self._slots:

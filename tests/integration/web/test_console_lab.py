@@ -1,6 +1,7 @@
 """The console in real Chromium against a three-rack lab with the real daemon.
 
-One lab for the whole story (bringing a lab up is the slow part): log in, see
+One lab for the whole story (bringing a lab up is the slow part): an
+emergency code spent on one rack is refused by another; log in, see
 the overview, deploy an appliance, watch a rack's loss and recovery without a
 reload, a viewer changes nothing, a change without the CSRF token is
 refused, French end to end, a 360 px screen, right-to-left. Screenshots go
@@ -10,17 +11,18 @@ to tmp_path, or to docs/console/ with MESHCLOUD_UPDATE_SCREENSHOTS=1.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshcloud.lab.api import LabApi
+from meshcloud.lab.api import ApiError, LabApi
 from meshcloud.lab.browser import Forwarder, browser_unavailable, chromium, run_in_thread
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
 from meshcloud.lab.wait import wait_for
-from tests.unit.web.fake_cluster import PASSWORDS, write_users
+from tests.unit.web.fake_cluster import CODES, PASSWORDS, write_users
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -69,11 +71,25 @@ def test_console_in_chromium_on_a_lab(lab_factory: MakeLab, shots: Path) -> None
     lab: Lab = lab_factory(racks=3, sites="north,north,south")
     api = LabApi(lab)
     racks = lab.racks()
+    write_users(lab.dir / "kit-users.json")  # one kit: every rack starts from the same file
     for rack in racks:
-        write_users(lab.state_dir(rack) / "console" / "users.json")
+        (lab.state_dir(rack) / "console").mkdir(parents=True, exist_ok=True)
+        shutil.copy(lab.dir / "kit-users.json", lab.state_dir(rack) / "console" / "users.json")
     wait_for(lambda: api.one_cluster(racks), 60, "one cluster of 3")
     leader = wait_for(lambda: api.leader_of(racks), 30, "an agreed leader")
     victim = next(r for r in racks if r != leader)
+    other = next(r for r in racks if r not in (leader, victim))
+    # an emergency code spent through one rack is refused by every other
+    assert api.request(other, "POST", "/api/v1/session", {"code": CODES[0]})["emergency"]
+
+    def spent_on_leader() -> bool:
+        doc = api.get(leader, "/api/v1/console/users-doc")
+        return bool(doc["emergency_codes"][0]["used"])
+
+    wait_for(spent_on_leader, 15, "the spent code to reach the leader")
+    with pytest.raises(ApiError) as refused:
+        api.request(leader, "POST", "/api/v1/session", {"code": CODES[0]})
+    assert refused.value.status == 401
     with Forwarder(lab, leader) as fwd:
         run_in_thread(lambda: story(lab, api, fwd.url, leader, victim, shots))
 

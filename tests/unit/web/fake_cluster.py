@@ -48,8 +48,10 @@ class MemoryControl:
 
     def __init__(self) -> None:
         cap = Capacity(8, 8192, 100)
+        # loopback addresses with no API behind them: a rack that talks to its peers
+        # (users_sync.py) only ever reaches this machine, and finds nobody
         self.racks = {
-            f"rack-{i}": Rack(f"rack-{i}", site, cap, address=f"10.44.0.{10 + i}", api_port=8440)
+            f"rack-{i}": Rack(f"rack-{i}", site, cap, address=f"127.0.0.{10 + i}", api_port=9)
             for i, site in ((1, "north"), (2, "north"), (3, "south"))
         }
         self.appliances: dict[str, ApplianceSpec] = {}
