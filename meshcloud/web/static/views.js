@@ -121,13 +121,21 @@ export function overview(state) {
 
 // -- racks ----------------------------------------------------------------------------
 
+/** A link to the leader's own console (it alone knows which racks are alive). */
+function leaderLink(doc) {
+  const r = doc.leader && (doc.racks || {})[doc.leader];
+  if (!r || !r.address || !r.api_port) return null;
+  const host = r.address.includes(":") ? `[${r.address}]` : r.address;
+  return h("a", { href: `${location.protocol}//${host}:${r.api_port}/` }, t("open_leader", { rack: doc.leader }));
+}
+
 export function racksView(state, ctx) {
   const doc = state.cluster;
   if (!doc) return waiting();
   const racks = rackModel(doc);
   return h("section", { class: "view" },
     h("p", { class: "muted" }, doc.leader ? t("leader_is", { rack: doc.leader, answered: doc.answered_by }) : t("att_no_leader")),
-    racks.some((r) => r.level === "unknown") ? h("p", { class: "note" }, t("member_note", { leader: doc.leader || "—" })) : null,
+    racks.some((r) => r.level === "unknown") ? h("p", { class: "note" }, t("member_note", { leader: doc.leader || "—" }), " ", leaderLink(doc)) : null,
     h("ul", { class: "cards" }, racks.map((r) => h("li", { class: `card ${r.level}`, "data-rack": r.name },
       h("h2", {}, r.name, " ", badge(r.level, r.words)),
       h("dl", {},
