@@ -101,5 +101,6 @@ export function percent(part, whole) {
 
 /** A labelled value, for the definition lists inside cards. */
 export function field(label, ...value) {
-  return [h("dt", {}, label), h("dd", {}, ...value)];
+  // <bdi>: numbers and Latin names keep their order inside a right-to-left page
+  return [h("dt", {}, label), h("dd", {}, h("bdi", {}, ...value))];
 }
