@@ -1,0 +1,245 @@
+"""Benchmark: replication lag (the RPO) of the demo appliance writing continuously.
+
+    python bench/replication_lag.py [--quick] [--out FILE]
+
+Two lab racks (network namespaces on the lab's bridge): the replica rack r2
+runs an sshd with the cluster's forced commands (rrsync + replication
+verbs); the source side runs meshcloud's replication engine, whose ssh runs
+inside rack r1's namespace, so every byte crosses the lab link into r2.
+The demo appliance (real QEMU under the embedded libvirt, in its own
+namespace) writes random data to its data disk at W MB/s
+(``meshcloud.write_mbps``) plus its counter; the engine cycles every
+``interval_s``. The lag of r2 (age of the oldest write it lacks, see
+docs/replication.md) is sampled every 0.2 s.
+
+Two phases: **lan** (plain lab link, W = 5 MB/s) and **shaped** (what r2
+receives shaped to 20 Mbit/s, 50 ms delay, 1 % loss; W = 1 MB/s). Link
+utilisation in the shaped phase is the bytes rsync sent over the seconds
+rsync was sending, against the link rate (how well a transfer fills the
+link while it runs); the share of wall time spent sending is reported too.
+
+Headline: ``lag_p99_s_lan``, ``lag_p99_s_shaped``, ``link_utilisation_shaped``.
+Goal: p99 at most 5 s (lan) and 30 s (shaped), utilisation at least 80 %.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import distribution, fmt_dist, parse_args, print_table, write_result  # noqa: E402
+
+LINK_RATE_BIT_S = 20e6
+SHAPED = "rate=20mbit delay=50ms loss=1%"
+BRIDGE = "mcbr0"
+GATEWAY = "10.90.0.1"
+APPLIANCE_IP = "10.90.0.10"
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from meshcloud.core.models import ApplianceSpec, DiskSpec
+    from meshcloud.hypervisor.domain_xml import (
+        DiskAttachment,
+        HostDetails,
+        KernelBoot,
+        NetworkAttachment,
+        tap_name,
+    )
+    from meshcloud.hypervisor.kvm import choose_accel
+    from meshcloud.hypervisor.libvirt_hv import LibvirtHypervisor, embed_uri
+    from meshcloud.images.appliance import ensure_appliance
+    from meshcloud.lab import netns
+    from meshcloud.lab.lab import Lab
+    from meshcloud.replication.engine import EngineSettings, ReplicationDuty, ReplicationEngine
+    from meshcloud.replication.live import LibvirtLiveOps
+    from meshcloud.replication.source import ReplicaLink
+    from meshcloud.replication.testbed import LoopbackSshd
+    from meshcloud.replication.transport import RsyncSettings
+
+    phases = [
+        {"name": "lan", "write_mbps": 5, "link": None, "seconds": 20 if quick else 60},
+        {"name": "shaped", "write_mbps": 1, "link": SHAPED, "seconds": 25 if quick else 120},
+    ]
+    interval_s = 2.0
+    work = Path(tempfile.mkdtemp(prefix="mc-bench-lag-", dir="/var/tmp"))
+    control = Path(tempfile.mkdtemp(prefix="mcg-"))
+    lab = Lab(name=f"rlag{os.getpid() % 10000}", root=work / "lab")
+    vm_ns = f"mc-b-lag-{os.getpid()}"
+    results: dict[str, Any] = {"phases": {}}
+    hv = None
+    engine = None
+    sshd = None
+    try:
+        lab.up(racks=2, start_daemons=False, wait=False)
+        r1, r2 = lab.rack("r1"), lab.rack("r2")
+        sshd = LoopbackSshd(
+            work / "sshd", work / "replica", address=r2.ip, port=2222, netns=r2.netns
+        )
+        sshd.start()
+        target = replace(sshd.target(control), netns=r1.netns)
+        netns.delete_netns(vm_ns)
+        netns.add_netns(vm_ns)
+        netns.add_bridge(BRIDGE, netns=vm_ns)
+        netns.add_address(BRIDGE, f"{GATEWAY}/24", netns=vm_ns)
+        image = await asyncio.to_thread(ensure_appliance)
+        accel, _ = await asyncio.to_thread(choose_accel, "auto", image.kernel, image.initrd)
+        root = Path(tempfile.mkdtemp(prefix="mc-bl-", dir="/tmp")) / "libvirt"
+        hv = LibvirtHypervisor(embed_uri(root), netns=vm_ns, label="lag")
+        await hv.async_open()
+        loop = asyncio.get_running_loop()
+
+        def on_libvirt(fn: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(hv.async_run(fn), loop).result(timeout=120)
+
+        engine = ReplicationEngine(
+            work / "source",
+            link_for=lambda rack: ReplicaLink(rack, target, RsyncSettings(compress=False)),
+            live_for=lambda name: LibvirtLiveOps(on_libvirt, f"mc-{name}"),
+            settings=EngineSettings(interval_s=interval_s, workers=1),
+        )
+        await asyncio.to_thread(
+            engine.create_volumes, "demo", {"data": 2 << 30}, 1, {"data": image.data_template}
+        )
+        duty = {"demo": ReplicationDuty("demo", 1, 500, ("r2",))}
+        engine.start()
+        for phase in phases:
+            engine.set_duties({})
+            while any(s.running for s in engine._states.values()):
+                await asyncio.sleep(0.05)
+            for name in await hv.async_list():
+                await hv.async_destroy(name)
+                await hv.async_undefine(name)
+            lab.degrade("r2", phase["link"] or "clear")
+            spec = ApplianceSpec(
+                name="demo", image="demo", memory_mib=128, disks=(DiskSpec("data", 2),),
+                ip=APPLIANCE_IP, boot_args=f"meshcloud.write_mbps={phase['write_mbps']}",
+            )  # fmt: skip
+            host = HostDetails(
+                cluster_id="bench",
+                disks=(DiskAttachment("data", engine.active_paths("demo")["data"]),),
+                network=NetworkAttachment(BRIDGE, 24, GATEWAY, tap_name("demo")),
+                boot=KernelBoot(image.kernel, image.initrd),
+                accel=accel,
+                epoch=1,
+                console_log=work / f"console-{phase['name']}.log",
+            )
+            await hv.async_define(spec, host)
+            await hv.async_start("demo")
+            engine.set_duties(duty)
+            # warm up: the first cycle may seed; then wait until the guest (TCG, on a
+            # shared machine) really writes at a good part of its rate
+            start_gen = engine.replica_generations().get("demo", {}).get("r2", 0)
+            deadline = time.monotonic() + 300
+            while engine.replica_generations().get("demo", {}).get("r2", 0) < start_gen + 3:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("replication did not start in 300 s")
+                await asyncio.sleep(0.2)
+            want = 0.25 * phase["write_mbps"] * 1e6 * interval_s
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                recent = engine.source("demo").manifest().history[-2:]
+                if recent and min(r.data_bytes for r in recent) >= want:
+                    break
+                await asyncio.sleep(0.5)
+            before = engine.transfer_stats().get("demo", {}).get("r2", (0, 0.0))
+            gen_before = engine.source("demo").manifest().generation
+            samples: list[float] = []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < phase["seconds"]:
+                samples.append(engine.lags()["demo"]["r2"])
+                await asyncio.sleep(0.2)
+            wall = time.monotonic() - t0
+            after = engine.transfer_stats().get("demo", {}).get("r2", (0, 0.0))
+            m = engine.source("demo").manifest()
+            written = sum(r.data_bytes for r in m.history if r.generation > gen_before)
+            sent, busy = after[0] - before[0], after[1] - before[1]
+            entry = {
+                "write_mbps_asked": phase["write_mbps"],
+                "written_mb_per_s": round(written / wall / 1e6, 3),
+                "link": phase["link"] or "lab default",
+                "seconds": round(wall, 1),
+                "lag_s": distribution(samples),
+                "sent_bytes": sent,
+                "rsync_busy_s": round(busy, 2),
+                "busy_share": round(busy / wall, 3),
+                "generations": m.generation - gen_before,
+            }
+            if phase["link"]:
+                entry["link_utilisation"] = (
+                    round(sent * 8 / (busy * LINK_RATE_BIT_S), 3) if busy else 0.0
+                )
+            results["phases"][phase["name"]] = entry
+            print(f"  {phase['name']}: lag {fmt_dist(entry['lag_s'], 's')}", flush=True)
+    finally:
+        if engine is not None:
+            engine.stop()
+        if hv is not None:
+            for name in await hv.async_list():
+                await hv.async_destroy(name)
+                await hv.async_undefine(name)
+            await hv.async_close()
+        if sshd is not None:
+            sshd.kill()
+        try:
+            lab.down()
+        except Exception as exc:  # best effort teardown, reported
+            print(f"lab teardown: {exc}", file=sys.stderr)
+        for pid in netns.pids_in_netns(vm_ns) if netns.netns_exists(vm_ns) else []:
+            os.kill(pid, 9)
+        netns.delete_netns(vm_ns)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(control, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    args = parse_args("replication_lag", __doc__.splitlines()[0])
+    if os.geteuid() != 0:
+        print("bench/replication_lag.py needs root (lab namespaces, libvirt)", file=sys.stderr)
+        return 1
+    results = asyncio.run(run(args.quick))
+    lan, shaped = results["phases"]["lan"], results["phases"]["shaped"]
+    headline = {
+        "lag_p99_s_lan": lan["lag_s"]["p99"],
+        "lag_p99_s_shaped": shaped["lag_s"]["p99"],
+        "link_utilisation_shaped": shaped.get("link_utilisation", 0.0),
+    }
+    params = {
+        "interval_s": 2.0,
+        "lan": {"write_mbps": 5},
+        "shaped": {"write_mbps": 1, "link": SHAPED},
+        "transport": "rsync over ssh between two lab racks, no compression",
+    }
+    out = write_result("replication_lag", args, params=params, results=results, headline=headline)
+    print_table(
+        "replication lag (demo appliance writing continuously)",
+        [
+            (
+                "lan lag",
+                fmt_dist(lan["lag_s"], "s") + f"  ({lan['written_mb_per_s']} MB/s written)",
+            ),
+            (
+                "shaped lag",
+                fmt_dist(shaped["lag_s"], "s") + f"  ({shaped['written_mb_per_s']} MB/s written)",
+            ),
+            ("shaped link utilisation", f"{headline['link_utilisation_shaped']:.0%} while sending"),
+            ("headline", str(headline)),
+        ],
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
