@@ -97,8 +97,10 @@ def test_freeze_stops_the_daemon_only_and_thaw_resumes_it(lab: Lab, tmp_path: Pa
         pid = lab.freeze("r1")
         assert pid == lab.pid("r1")
         assert lab.is_frozen("r1")
-        assert lab.status().racks[0].processes[1].frozen
-        assert not lab.status().racks[0].processes[0].frozen  # sshd
+        procs = {p.name: p for p in lab.status().racks[0].processes}
+        assert procs["daemon"].frozen
+        assert not procs["sshd"].frozen
+        assert not procs["fencer"].frozen  # the fencing helper must keep running
         # The hung daemon does not answer; the "VM" keeps running.
         with pytest.raises(TimeoutError):
             health(lab, "r2", "10.77.0.1", timeout=1.0)
