@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -29,8 +32,32 @@ def cluster_document(control: ClusterControl, answered_by: str) -> dict[str, Any
     return doc
 
 
+@dataclass
+class ClusterCache:
+    """The last serialised cluster document, reused for a short while under load."""
+
+    revision: int = -1
+    at: float = -1.0
+    body: bytes = b""
+
+
+CLUSTER_CACHE = web.AppKey("cluster_cache", ClusterCache)
+CLUSTER_CACHE_S = 0.2  # health and lease ages may be this stale; the map never is
+
+
 async def get_cluster(request: web.Request) -> web.Response:
-    return web.json_response(cluster_document(request.app[CONTROL], request.app[RACK_NAME]))
+    control = request.app[CONTROL]
+    cache = request.app.get(CLUSTER_CACHE)
+    now = time.monotonic()
+    revision = control.snapshot().revision
+    if cache is not None and cache.revision == revision and now - cache.at < CLUSTER_CACHE_S:
+        body = cache.body
+    else:
+        doc = cluster_document(control, request.app[RACK_NAME])
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        if cache is not None:
+            cache.revision, cache.at, cache.body = revision, now, body
+    return web.Response(body=body, content_type="application/json")
 
 
 def _appliance_status(control: ClusterControl, name: str) -> dict[str, Any]:

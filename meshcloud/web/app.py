@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from meshcloud import __version__
-from meshcloud.web.api import CONTROL, RACK_NAME
+from meshcloud.web.api import CLUSTER_CACHE, CONTROL, RACK_NAME, ClusterCache
 from meshcloud.web.auth import TOKEN_KEY, auth_middleware
 from meshcloud.web.console import AUDIT, LIMITER, USERS
 from meshcloud.web.control import ClusterControl
@@ -83,6 +83,7 @@ def create_app(ctx: WebContext) -> web.Application:
     app.router.add_get("/api/v1/health", health)
     if ctx.control is not None:
         app[CONTROL] = ctx.control
+        app[CLUSTER_CACHE] = ClusterCache()
         add_api_routes(app)
     if ctx.failover is not None:
         app[FAILOVER] = ctx.failover
