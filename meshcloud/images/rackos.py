@@ -261,11 +261,13 @@ def mkfs_argv(image: Path, root_dir: Path, layout: DiskLayout, fs_uuid: str) -> 
     """argv making the ext4 root file system inside ``image`` at the root partition's offset.
 
     ``^64bit``: extlinux cannot boot from 64-bit ext4; the root stays far below 16 TiB.
+    ``^has_journal``: the journal is added after extlinux is installed, so that the
+    mount for extlinux leaves no transactions (with today's times) in the image.
     """
     root = layout.root
     return [
         "mkfs.ext4", "-q", "-F", "-b", "4096", "-L", ROOT_LABEL, "-U", fs_uuid,
-        "-O", "^64bit",
+        "-O", "^64bit,^has_journal",
         "-E", f"offset={root.start_bytes},hash_seed={fs_uuid},lazy_itable_init=1,root_owner=0:0",
         "-d", str(root_dir), str(image), f"{root.size_bytes // 1024}k",
     ]  # fmt: skip
@@ -322,6 +324,7 @@ def debugfs_epoch_script(tree: Path, epoch: int = SOURCE_DATE_EPOCH) -> str:
     for path in boot:
         cmds += [f'sif "{path}" {field} {at}' for field in ("atime", "mtime", "crtime", "ctime")]
         cmds += [f'sif "{path}" {field}_extra 0' for field in ("atime", "mtime", "crtime", "ctime")]
+        cmds.append(f'sif "{path}" generation 0')  # the kernel drew it at random
     entries = [("/", tree)]
     for dirpath, dirnames, filenames in os.walk(tree):
         rel = "/" + os.path.relpath(dirpath, tree).removeprefix(".").lstrip("/")
@@ -335,6 +338,8 @@ def debugfs_epoch_script(tree: Path, epoch: int = SOURCE_DATE_EPOCH) -> str:
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             mtime = min(int(st.st_mtime), epoch)
             cmds += [f'sif "{path}" atime @{mtime}', f'sif "{path}" atime_extra 0']
+    # Rewrite the backup superblocks too (tune2fs left its own times in them).
+    cmds.append("dirty -clean")
     return "\n".join(cmds) + "\n"
 
 
@@ -489,7 +494,7 @@ def _customize(root: Path, wheels: Path, progress: Progress) -> None:
         ["python3", "-m", "venv", VENV],
         [f"{VENV}/bin/pip", "install", "--quiet", "--no-index", "--no-compile",
          "--find-links", "/root/wheelhouse", "meshcloud"],
-        [f"{VENV}/bin/python", "-m", "compileall", "-q", "-j", "1",
+        [f"{VENV}/bin/python", "-m", "compileall", "-q", "-f", "-j", "1",
          "--invalidation-mode", "unchecked-hash", f"{VENV}/lib"],
         ["systemctl", "enable", *UNITS_TO_ENABLE],
         # No login on the serial console (no account has a password), so systemd keeps
@@ -548,6 +553,8 @@ def _install_bootloader(
         # The mount stamped the superblock and extlinux's files with today's time, and
         # mkfs.ext4 -d copied each file's ctime (which no tool can set) from the tree:
         # put SOURCE_DATE_EPOCH everywhere so that rebuilds compare equal.
+        run_tool(["tune2fs", "-O", "has_journal", loop], env=epoch_env(),
+                 what="tune2fs (journal)")  # fmt: skip
         # The kernel wrote the mount point's path (a temporary directory) into the
         # superblock; zero it here, debugfs then rewrites the superblock's checksum
         # (-n: it must not refuse the superblock it is about to fix).
