@@ -63,7 +63,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from pysyncobj.journal import FileJournal
 from pysyncobj.node import Node, TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
-from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE, SyncObjExceptionWrongVer
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import TCPTransport
@@ -112,6 +112,7 @@ class HardeningOptions:
     ping_period_s: float = 0.2
     max_transmission_bytes: int = 16 * 1024 * 1024
     tick_s: float = 0.05
+    apply_budget_s: float = 0.02
 
 
 # --- connections -------------------------------------------------------------------------
@@ -706,6 +707,25 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
             return
         self._maybe_prevote()
 
+    # -- explaining itself ------------------------------------------------------------------------
+    def _SyncObj__setState(self, newState: int) -> None:
+        old = self._SyncObj__raftState
+        SyncObj._SyncObj__setState(self, newState)
+        if old == newState:
+            return
+        names = {_RAFT_STATE.FOLLOWER: "follower", _RAFT_STATE.CANDIDATE: "candidate",
+                 _RAFT_STATE.LEADER: "leader"}  # fmt: skip
+        why = ""
+        if old == _RAFT_STATE.LEADER and newState == _RAFT_STATE.FOLLOWER:
+            now = time.monotonic()
+            last = self._SyncObj__lastResponseTime
+            quiet = sorted(f"{n.id} {now - t:.1f} s" for n, t in last.items() if now - t > 0.5)
+            why = f" (silent voters: {', '.join(quiet) or 'none'})"
+        log.info(
+            "raft: %s -> %s at term %d%s",
+            names.get(old, old), names.get(newState, newState), self.raftCurrentTerm, why,
+        )  # fmt: skip
+
     # -- adaptive batching ------------------------------------------------------------------------
     def _send_promptly(self) -> None:
         """Send append_entries now if the log or the commit index moved since the last look.
@@ -1032,11 +1052,25 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         return verified
 
     def _truncate_from(self, index: int) -> None:
+        removed = self._entries(index)
         if self.conf.dynamicMembershipChange:
-            for entry in reversed(self._entries(index)):
+            for entry in reversed(removed):
                 request = self._SyncObj__parseChangeClusterRequest(entry[0])
                 if request is not None:
                     self._SyncObj__doChangeCluster(request, reverse=True)
+        # Writers waiting on an entry removed here learn now that it will never commit:
+        # a log holding it could not differ from the new leader's at ``index``.
+        gone = {(int(e[1]), int(e[2])) for e in removed}
+        waiting = self._SyncObj__commandsWaitingCommit
+        for position in [i for i in waiting if i >= index]:
+            keep = []
+            for term, callback in waiting.pop(position):
+                if (position, term) in gone:
+                    callback(None, FAIL_REASON.DISCARDED)
+                else:
+                    keep.append((term, callback))
+            if keep:
+                waiting[position] = keep
         if index <= self._SyncObj__raftLastApplied:
             log.critical(
                 "raft: the leader replaces applied entries from %d (applied up to %d): this"
@@ -1045,6 +1079,41 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
                 self._SyncObj__raftLastApplied,
             )
         self._SyncObj__deleteEntriesFrom(index)
+
+    # -- applying the log ---------------------------------------------------------------------
+    def _SyncObj__applyLogEntries(self) -> bool:
+        """Apply committed entries, at most ``apply_budget_s`` per tick.
+
+        The library applies every committed entry at once: after a burst of
+        thousands of writes, the Raft thread stops heartbeating for long enough
+        that the followers elect another leader. The rest waits for the next tick.
+        """
+        deadline = time.monotonic() + self.hardening.apply_budget_s
+        waiting = self._SyncObj__commandsWaitingCommit
+        while self._SyncObj__raftLastApplied < self._SyncObj__raftCommitIndex:
+            index = int(self._SyncObj__raftLastApplied) + 1
+            entries = self._entries(index, 1)
+            if not entries:
+                break  # a gap: handled by _check_state_gap
+            command, _index, term = entries[0]
+            subscribers = waiting.pop(index, [])
+            try:
+                result = self._SyncObj__doApplyCommand(command)
+            except SyncObjExceptionWrongVer as exc:
+                log.error("raft: entry %d needs code version %s; not applying", index, exc.ver)
+                if subscribers:
+                    waiting[index] = subscribers
+                break
+            for subscribed_term, callback in subscribers:
+                if subscribed_term == term:
+                    callback(result, FAIL_REASON.SUCCESS)
+                else:
+                    callback(None, FAIL_REASON.DISCARDED)
+            self._SyncObj__raftLastApplied = index
+            if time.monotonic() > deadline:
+                self.wake()  # more to apply: come back at once, after the heartbeats
+                break
+        return not self.conf.appendEntriesUseBatch
 
     # -- loading full dumps -----------------------------------------------------------------
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:

@@ -159,7 +159,9 @@ class RaftNode:
         return self.process is not None and self.process.poll() is None
 
     async def request(self, payload: dict[str, Any], timeout_s: float = 30.0) -> Any:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.control), 5.0)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(self.control, limit=1 << 24), 5.0
+        )
         try:
             writer.write(json.dumps(payload).encode() + b"\n")
             await writer.drain()
