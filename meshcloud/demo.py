@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -90,6 +91,7 @@ class DemoState:
     forwarder_start: int = 0
     api: str = ""
     appliances: dict[str, str] = field(default_factory=dict)  # appliance -> local HOST:PORT
+    console_password: str = ""  # the demo's console login: admin / this
 
     @staticmethod
     def path(state_dir: Path) -> Path:
@@ -439,6 +441,27 @@ def check_demo_up(state_dir: Path, api_port: int, first_appliance_port: int) -> 
             )
 
 
+def write_console_users(path: Path, password: str) -> None:
+    """A console users file in the kit's format with one admin (the demo's login)."""
+    from argon2 import PasswordHasher
+
+    doc = {
+        "version": 1,
+        "users": [
+            {
+                "name": "admin",
+                "role": "admin",
+                "password_argon2": PasswordHasher().hash(password),
+                "must_change_password": False,
+            }
+        ],
+        "emergency_codes": [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.chmod(0o600)
+
+
 def demo_up(
     state_dir: Path, api_port: int, first_appliance_port: int, progress: Progress
 ) -> DemoState:
@@ -452,7 +475,12 @@ def demo_up(
     state = DemoState(state_dir=str(state_dir), lab=lab.name, lab_root=str(lab.root))
     state.save()
     progress(f"demo: starting lab {lab.name}: {RACKS} racks, each running the meshcloud daemon")
-    lab.up(RACKS)
+    lab.up(RACKS, start_daemons=False)
+    state.console_password = secrets.token_urlsafe(12)
+    state.save()
+    for rack in lab.racks():
+        write_console_users(lab.state_dir(rack) / "console" / "users.json", state.console_password)
+        lab.start_daemon(rack)
     for rack in lab.racks():
         ensure_segment_address(lab, rack)
     manifest, files = demo_image_files()
@@ -507,6 +535,7 @@ def usage_text(state: DemoState, token: str) -> str:
     )
     return f"""
 meshcloud demo is up: {RACKS} racks (lab {state.lab}), appliances {", ".join(sorted(state.appliances))}.
+  console        http://{state.api}/   (log in as admin, password {state.console_password})
   API            http://{state.api}/api/v1/cluster
   token          {token}
   appliances (each relayed to the rack that runs it now):
