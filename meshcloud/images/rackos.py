@@ -338,8 +338,6 @@ def debugfs_epoch_script(tree: Path, epoch: int = SOURCE_DATE_EPOCH) -> str:
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             mtime = min(int(st.st_mtime), epoch)
             cmds += [f'sif "{path}" atime @{mtime}', f'sif "{path}" atime_extra 0']
-    # Rewrite the backup superblocks too (tune2fs left its own times in them).
-    cmds.append("dirty -clean")
     return "\n".join(cmds) + "\n"
 
 
@@ -553,8 +551,6 @@ def _install_bootloader(
         # The mount stamped the superblock and extlinux's files with today's time, and
         # mkfs.ext4 -d copied each file's ctime (which no tool can set) from the tree:
         # put SOURCE_DATE_EPOCH everywhere so that rebuilds compare equal.
-        run_tool(["tune2fs", "-O", "has_journal", loop], env=epoch_env(),
-                 what="tune2fs (journal)")  # fmt: skip
         # The kernel wrote the mount point's path (a temporary directory) into the
         # superblock; zero it here, debugfs then rewrites the superblock's checksum
         # (-n: it must not refuse the superblock it is about to fix).
@@ -562,6 +558,12 @@ def _install_bootloader(
             os.pwrite(dev.fileno(), bytes(64), EXT4_SUPERBLOCK_OFFSET + EXT4_LAST_MOUNTED)
         run_tool(["debugfs", "-w", "-n", "-f", "-", loop], input_text=debugfs_epoch_script(tree),
                  env=epoch_env(), what="debugfs (timestamps)")  # fmt: skip
+        # Now the journal: tune2fs copies the (now clean) superblock into the backups.
+        run_tool(["tune2fs", "-O", "has_journal", loop], env=epoch_env(),
+                 what="tune2fs (journal)")  # fmt: skip
+        at = f"@{SOURCE_DATE_EPOCH}"
+        run_tool(["debugfs", "-w", "-f", "-", loop], input_text=f"ssv wtime {at}\nssv mtime {at}\n",
+                 env=epoch_env(), what="debugfs (superblock times)")  # fmt: skip
     finally:
         run_tool(["losetup", "--detach", loop])
     with open(image, "r+b") as f, open(MBR_BIN, "rb") as mbr:
