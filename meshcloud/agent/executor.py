@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,10 @@ class ActionExecutor:
 
     async def async_start(self, spec: ApplianceSpec, epoch: int, cluster_id: str) -> None:
         """Verify the image, prepare the disks under ``epoch``, (re)define and boot."""
+        t0 = time.monotonic()
         image = await asyncio.to_thread(self.images.verify, spec.image)
         accel = await self._choose_accel(image)
+        t1 = time.monotonic()
         disks: dict[str, Path] = {}
         if spec.disks:
             if self.volumes is None:
@@ -123,8 +126,15 @@ class ActionExecutor:
         if self.settings.console_dir is not None:
             await asyncio.to_thread(self.settings.console_dir.mkdir, parents=True, exist_ok=True)
         host = self.host_details(spec, epoch, cluster_id, image, disks, accel)
+        t2 = time.monotonic()
         await self.hv.async_define(spec, host)
+        t3 = time.monotonic()
         await self.hv.async_start(spec.name)
+        t4 = time.monotonic()
+        log.info(
+            "started %s under epoch %d in %.2f s (image %.2f, disks %.2f, define %.2f, boot %.2f)",
+            spec.name, epoch, t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3,
+        )  # fmt: skip
 
     async def async_stop(self, appliance: str) -> None:
         with contextlib.suppress(NotFound):

@@ -10,8 +10,9 @@ killing it would only turn a short blip into a reboot. So:
 - :meth:`WatchdogGate.lease_extended` (every committed renewal): arm with the
   new expiry, unless the gate is disarmed;
 - :meth:`WatchdogGate.may_run` (just before the agent starts or resumes an
-  appliance): arm with the current expiry; the agent only starts or resumes
-  while it holds the lease, so the deadline is ahead;
+  appliance, and after every cycle that finds one running with the lease
+  held): arm with the current expiry; the agent only starts or resumes while
+  it holds the lease, so the deadline is ahead;
 - :meth:`WatchdogGate.nothing_runs` (after a cycle without the lease in which
   the hypervisor lists no active domain: all paused or off): disarm.
 
@@ -38,8 +39,11 @@ class WatchdogGate:
     def __init__(self, watchdog: Watchdog, expiry: Callable[[], float | None]) -> None:
         self.watchdog = watchdog
         self.expiry = expiry
-        # Armed until told otherwise: after a daemon restart QEMU may still run.
-        self.armed = True
+        # Disarmed until an appliance may run: the agent arms it before every start and
+        # resume, and after every cycle that finds VMs running with the lease held (a
+        # restarted daemon's VMs). Armed for nothing, the fencing helper would kill
+        # libvirt's own QEMU probes whenever the lease lapses.
+        self.armed = False
 
     def lease_extended(self, expiry: float) -> None:
         """A renewal committed: the lease now runs until ``expiry``."""

@@ -359,6 +359,8 @@ class RackAgent:
             after = await self.hv.async_list()
             if not any(DomainState(str(info.state)) in ACTIVE for info in after.values()):
                 self.hooks.nothing_runs()
+        elif any(d.state in ACTIVE for d in domains.values()):
+            self.hooks.may_run()  # VMs run with the lease: keep them guarded (a daemon restart)
         forgotten = await self._forget_deleted(snapshot, domains)
         outcomes.extend(forgotten)
         sentence = "; ".join([decision.reason, *outcomes])
