@@ -13,6 +13,7 @@ import pytest
 from meshcloud import clock
 from meshcloud.agent.fencer import parse_message
 from meshcloud.agent.watchdog import FencerWatchdog
+from meshcloud.lab import netns
 
 
 @pytest.mark.parametrize(
@@ -40,20 +41,41 @@ def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-de
 
 
 @pytest.fixture
-def fake_qemu(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process whose name starts with qemu-system- (a renamed `sleep`)."""
+def netns_name() -> Iterator[str]:
+    """A network namespace of the test's own: the fencer only ever kills QEMU inside it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a network namespace of its own)")
+    name = f"mctf-{os.getpid()}"
+    netns.delete_netns(name)
+    netns.add_netns(name)
+    yield name
+    netns.delete_netns(name)
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, netns_name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A process whose name starts with qemu-system- (a renamed `sleep`), in the namespace."""
     exe = tmp_path / "qemu-system-fake"
     shutil.copy("/bin/sleep", exe)
-    proc = subprocess.Popen([str(exe), "600"])
+    proc = subprocess.Popen(netns.in_netns(netns_name, [str(exe), "600"]))
     yield proc
     proc.kill()
     proc.wait()
 
 
 @pytest.fixture
-def fencer(tmp_path: Path) -> Iterator[Path]:
+def fencer(tmp_path: Path, netns_name: str) -> Iterator[Path]:
     sock = tmp_path / "fencer.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "meshcloud.agent.fencer", "--socket", str(sock)])
+    argv = [
+        sys.executable,
+        "-m",
+        "meshcloud.agent.fencer",
+        "--socket",
+        str(sock),
+        "--scope",
+        "netns",
+    ]
+    proc = subprocess.Popen(netns.in_netns(netns_name, argv))
     assert wait_until(sock.exists, 30), "fencer did not start"
     yield sock
     proc.terminate()
