@@ -167,6 +167,7 @@ async def run(quick: bool) -> dict[str, Any]:
             entry = {
                 "write_mbps_asked": phase["write_mbps"],
                 "written_mb_per_s": round(written / wall / 1e6, 3),
+                "shipped_mb_per_s": round(sent / wall / 1e6, 3),
                 "link": phase["link"] or "lab default",
                 "seconds": round(wall, 1),
                 "lag_s": distribution(samples),

@@ -33,7 +33,8 @@ from meshcloud.core.names import validate_name
 
 FORMAT_VERSION = 1
 MAX_GENERATION = (1 << 62) - 1
-HISTORY_KEEP = 64  # generation records kept for time spans and the source's outbox
+HISTORY_KEEP = 64  # generation records always kept (time spans of writes)
+HISTORY_MAX = 256  # and at most this many, for replicas that lag (then they are reseeded)
 _GEN_FILE_RE = re.compile(r"^g([0-9]{12})\.qcow2$")
 _CHECKSUM_RE = re.compile(r"^sha1:[0-9a-f]{40}$")
 
@@ -496,8 +497,14 @@ def new_manifest(
 
 
 def _trim(history: Sequence[GenerationRecord], keep_from: int) -> tuple[GenerationRecord, ...]:
-    kept = [r for r in history if r.generation >= keep_from]
-    return tuple(kept[-HISTORY_KEEP:])
+    """The last HISTORY_KEEP records, plus every one from ``keep_from`` on (at most HISTORY_MAX).
+
+    Records from the slowest replica's generation on are what the primary
+    ships; a replica further behind than HISTORY_MAX generations is reseeded.
+    """
+    by_gen = {r.generation: r for r in history[-HISTORY_KEEP:]}
+    by_gen.update((r.generation, r) for r in history if r.generation >= keep_from)
+    return tuple(by_gen[g] for g in sorted(by_gen))[-HISTORY_MAX:]
 
 
 def check_epoch(manifest: Manifest, epoch: int, what: str) -> None:

@@ -537,7 +537,9 @@ class ApplianceSource:
             replica_gen = status["generation"]
         report = ShipReport(link.rack, replica_gen, replica_gen)
         for gen in range(replica_gen + 1, m.generation + 1):
-            if not all(self.volume.outbox_file(d, gen).exists() for d in m.disk_names):
+            if m.record(gen) is None or not all(
+                self.volume.outbox_file(d, gen).exists() for d in m.disk_names
+            ):
                 seeded = self.seed(link, epoch, on_progress=on_progress)
                 seeded.from_generation = replica_gen
                 return seeded

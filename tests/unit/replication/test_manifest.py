@@ -176,12 +176,23 @@ def test_last_common_generation(a, gen_a, b, gen_b, common) -> None:
     assert last_common_generation(a, gen_a, b, gen_b) == common
 
 
-def test_history_is_trimmed_but_keeps_unacknowledged_generations() -> None:
+def test_history_keeps_unacknowledged_generations_up_to_a_bound() -> None:
     m = mf.acknowledge(primary(), "rack-2", 0)
     for g in range(1, mf.HISTORY_KEEP + 10):
         m = mf.freeze_primary(m, 1, 10.0 + g, 0)
-    assert len(m.history) == mf.HISTORY_KEEP
+    assert len(m.history) == mf.HISTORY_KEEP + 9  # rack-2 still needs all of them
+    for g in range(mf.HISTORY_KEEP + 10, mf.HISTORY_MAX + 20):
+        m = mf.freeze_primary(m, 1, 10.0 + g, 0)
+    assert len(m.history) == mf.HISTORY_MAX
     assert m.history[-1].generation == m.generation
+
+
+def test_history_keeps_recent_records_when_replicas_are_current() -> None:
+    m = primary()
+    for g in range(1, 100):
+        m = mf.freeze_primary(m, 1, 10.0 + g, 0)
+        m = mf.acknowledge(m, "rack-2", g)
+    assert len(m.history) == mf.HISTORY_KEEP
 
 
 def test_record_checksums() -> None:
