@@ -21,6 +21,7 @@ WEAK_SECRETS = frozenset(
     {"", "secret", "changeme", "change-me", "password", "meshcloud", "default"}
 )
 MIN_SECRET_LEN = 32
+MIN_MARGIN_S = 0.5
 
 
 class _Strict(BaseModel):
@@ -131,7 +132,7 @@ class TimersConfig(_Strict):
     renew_s: float = Field(0.5, gt=0, description="how often a rack renews its lease")
     lease_s: float = Field(3.0, gt=0, description="a rack fences itself after this without renewal")
     margin_s: float = Field(
-        2.0, gt=0, description="extra wait before the leader declares a rack lost"
+        1.5, gt=0, description="extra wait before the leader declares a rack lost"
     )
     fence_grace_s: float = Field(
         10.0, gt=0, description="paused appliances are destroyed after this"
@@ -141,8 +142,8 @@ class TimersConfig(_Strict):
         ge=0,
         description="a rack pauses its appliances this long before its lease runs out",
     )
-    raft_min_timeout_s: float = Field(0.2, gt=0, description="Raft election timeout, lower bound")
-    raft_max_timeout_s: float = Field(0.6, gt=0, description="Raft election timeout, upper bound")
+    raft_min_timeout_s: float = Field(0.6, gt=0, description="Raft election timeout, lower bound")
+    raft_max_timeout_s: float = Field(1.4, gt=0, description="Raft election timeout, upper bound")
     raft_append_period_s: float = Field(0.05, gt=0, description="leader heartbeat period")
     raft_connection_timeout_s: float = Field(1.5, gt=0, description="Raft connection timeout")
 
@@ -152,6 +153,11 @@ class TimersConfig(_Strict):
             raise ValueError(
                 f"lease_s ({self.lease_s}) must exceed 3 x renew_s ({self.renew_s})"
                 " so that one lost renewal does not fence a healthy rack"
+            )
+        if self.margin_s < MIN_MARGIN_S:
+            raise ValueError(
+                f"margin_s ({self.margin_s}) must be at least {MIN_MARGIN_S}: it covers the"
+                " fencing helper's kill latency and clock-rate drift (docs/safety.md)"
             )
         if self.pause_ahead_s >= self.lease_s - 2 * self.renew_s:
             raise ValueError(

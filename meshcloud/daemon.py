@@ -15,7 +15,7 @@ from aiohttp import web
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
 from meshcloud.agent.divergence import DivergenceKeeper
-from meshcloud.agent.fencing import RackHooks, WatchdogGate
+from meshcloud.agent.fencing import LoopLag, RackHooks, WatchdogGate
 from meshcloud.agent.lease import LeaseKeeper
 from meshcloud.agent.replication_wiring import ReplicationWiring
 from meshcloud.agent.runtime import run_appliance_loops
@@ -183,6 +183,8 @@ class Daemon:
             stack.push_async_callback(self._stop_replication)
             stack.push_async_callback(self.control.close)
             stack.push_async_callback(self._stop_tasks)
+            self.control.loop_lag = LoopLag()
+            self._spawn(self.control.loop_lag.run(), "loop-lag")
             self._spawn(self._join_cluster(), "cluster")
             log.info("rack %s (site %s) started", self.cfg.rack.name, self.cfg.rack.site)
             await self.stopping.wait()

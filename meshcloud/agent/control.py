@@ -29,6 +29,7 @@ class StoreControl:
         self.local_events: list[Event] = []
         self._watcher: asyncio.Task[None] | None = None
         self.replication: Any = None  # the daemon's ReplicationWiring, once it runs
+        self.loop_lag: Any = None  # the daemon's LoopLag monitor
 
     def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
@@ -128,11 +129,37 @@ class StoreControl:
         lines: list[str] = []
         if self.lease is not None:
             own = self.lease.expires_in()
+            k = self.lease
             lines += [
                 "# HELP meshcloud_lease_remaining_seconds Time left on this rack's own lease.",
                 "# TYPE meshcloud_lease_remaining_seconds gauge",
                 f"meshcloud_lease_remaining_seconds {max(own, 0.0) if own is not None else 0:.3f}",
+                "# HELP meshcloud_lease_commit_seconds Issue-to-commit time of renewals.",
+                "# TYPE meshcloud_lease_commit_seconds gauge",
+                f'meshcloud_lease_commit_seconds{{which="last"}} {k.last_commit_s or 0:.3f}',
+                f'meshcloud_lease_commit_seconds{{which="max"}} {k.max_commit_s:.3f}',
+                "# HELP meshcloud_lease_renewals_total Renewals committed / failed.",
+                "# TYPE meshcloud_lease_renewals_total counter",
+                f'meshcloud_lease_renewals_total{{outcome="committed"}} {k.renewals}',
+                f'meshcloud_lease_renewals_total{{outcome="failed"}} {k.failed_renewals}',
+                "# HELP meshcloud_lease_lapses_total Times this rack's own lease ran out.",
+                "# TYPE meshcloud_lease_lapses_total counter",
+                f"meshcloud_lease_lapses_total {k.lapses}",
             ]
+        if self.loop_lag is not None:
+            lines += [
+                "# HELP meshcloud_loop_lag_seconds How late the daemon's event loop ran timers.",
+                "# TYPE meshcloud_loop_lag_seconds gauge",
+                f'meshcloud_loop_lag_seconds{{which="max"}} {self.loop_lag.max_s:.3f}',
+            ]
+        if self.store is not None:
+            st = self.store.status()
+            lines += [
+                "# HELP meshcloud_raft_term The Raft term this rack knows.",
+                "# TYPE meshcloud_raft_term gauge",
+                f"meshcloud_raft_term {st.term}",
+            ]
+        if self.lease is not None:
             silent = self.lease.silent_for()
             if silent:
                 lines += [

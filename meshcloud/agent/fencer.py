@@ -84,6 +84,25 @@ def fence(scope: str) -> list[int]:
     return killed
 
 
+def raise_priority() -> str:
+    """Run ahead of the workloads: a real-time class if allowed, else the top nice level.
+
+    The helper sleeps almost all the time; when its deadline passes it must
+    act at once even on a rack whose CPUs are saturated (its lateness is
+    logged with every kill, and the leader's ``margin_s`` must cover it).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        return "SCHED_FIFO"
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.nice(-10)
+        return "nice -10"
+    except OSError:
+        return "default"
+
+
 def serve(sock_path: Path, scope: str) -> None:
     """Run until SIGTERM: arm, disarm, and fence when the deadline passes."""
     if sock_path.exists():
@@ -100,7 +119,8 @@ def serve(sock_path: Path, scope: str) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("fencer ready on %s (scope %s)", sock_path, scope)
+    priority = raise_priority()
+    log.info("fencer ready on %s (scope %s, scheduling %s)", sock_path, scope, priority)
     try:
         _loop(sock, scope)
     except _Stop:
@@ -135,8 +155,13 @@ def _loop(sock: socket.socket, scope: str) -> None:
                 deadline = new
             continue
         if deadline is not None and clock.now() >= deadline:
+            late = clock.now() - deadline
             killed = fence(scope)
-            log.warning("deadline passed without re-arming: killed QEMU %s", killed or "(none)")
+            log.warning(
+                "deadline passed without re-arming: killed QEMU %s (%.3f s after the deadline)",
+                killed or "(none)",
+                late,
+            )
             deadline = None
 
 

@@ -24,6 +24,7 @@ event loop) can make something run again, through :meth:`may_run`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -92,3 +93,31 @@ class RackHooks(CycleHooks):
 
     def wake_in(self) -> float | None:
         return self.fence_in()
+
+
+class LoopLag:
+    """Measures how late the daemon's event loop runs its timers (a starved loop fences late).
+
+    Sleeps ``period_s`` at a time and records the overshoot; ``max_s`` is the
+    worst over the last ``window`` samples. Shown in ``/metrics``.
+    """
+
+    def __init__(self, period_s: float = 0.1, window: int = 600) -> None:
+        self.period_s = period_s
+        self.window = window
+        self.samples: list[float] = []
+
+    @property
+    def max_s(self) -> float:
+        return max(self.samples, default=0.0)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.period_s)
+            lag = loop.time() - start - self.period_s
+            self.samples.append(max(0.0, lag))
+            del self.samples[: -self.window]
+            if lag > 1.0:
+                log.warning("the daemon's event loop ran %.2f s late: is the rack overloaded?", lag)

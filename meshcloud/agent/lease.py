@@ -50,6 +50,12 @@ class LeaseKeeper:
         self.on_extended = on_extended
         self._in_flight: set[asyncio.Task[None]] = set()
         self._held_before = False
+        # what /metrics shows: how long renewals take to commit, how often the lease lapsed
+        self.last_commit_s: float | None = None
+        self.max_commit_s = 0.0
+        self.renewals = 0
+        self.failed_renewals = 0
+        self.lapses = 0
 
     # -- this rack -----------------------------------------------------------------------
     def view(self) -> LeaseView:
@@ -85,8 +91,18 @@ class LeaseKeeper:
         try:
             await self.store.propose(command, timeout_s=self.timers.lease_s)
         except MeshcloudError as exc:
+            self.failed_renewals += 1
             log.debug("lease renewal issued at %.3f failed: %s", issued_at, exc)
             return
+        took = self.now() - issued_at
+        self.renewals += 1
+        self.last_commit_s = took
+        self.max_commit_s = max(self.max_commit_s, took)
+        if took > self.timers.lease_s / 2:
+            log.warning(
+                "lease renewal took %.2f s to commit (lease_s %.1f): the cluster is slow",
+                took, self.timers.lease_s,
+            )  # fmt: skip
         before = self.own
         self.own = self.own.committed(issued_at)
         if self.own is not before:
@@ -111,6 +127,7 @@ class LeaseKeeper:
                 if self._held_before and not held:
                     log.warning("rack %s lost its lease: fencing", self.rack)
                     self._held_before = False
+                    self.lapses += 1
                 await asyncio.sleep(self.timers.renew_s)
         finally:
             for task in list(self._in_flight):

@@ -18,6 +18,7 @@ def test_defaults_are_consistent() -> None:
         ({"pause_ahead_s": 2.5}, "pause_ahead_s"),
         ({"lease_s": 1.4, "renew_s": 0.5}, "renew_s"),
         ({"raft_max_timeout_s": 2.0}, "raft_max_timeout_s"),
+        ({"margin_s": 0.2}, "margin_s"),
     ],
 )
 def test_inconsistent_timers_are_refused(kwargs: dict[str, float], message: str) -> None:
