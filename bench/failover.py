@@ -65,6 +65,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "failover.json")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the racks' logs here")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the trials (PNG)")
+    parser.add_argument(
+        "--replot", type=Path, default=None, help="only draw --plot from this earlier JSON result"
+    )
     return parser.parse_args()
 
 
@@ -208,10 +212,51 @@ def run(trials: int, seed: int, keep_logs: Path | None = None) -> dict[str, Any]
         lab.down(keep_logs=keep_logs)
 
 
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Each trial's RTO as detection + restart, leader kills marked; the CDF beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"]["trials"] if r["detect_s"] is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    xs = range(len(rows))
+    detect = [r["detect_s"] for r in rows]
+    restart = [r["restart_s"] for r in rows]
+    left.bar(xs, detect, label="detection (kill -> leader's decision)", color="#4c72b0")
+    left.bar(xs, restart, bottom=detect, label="restart (decision -> running)", color="#dd8452")
+    for i, r in enumerate(rows):
+        if r["leader"]:
+            left.annotate("L", (i, r["rto_s"]), ha="center", va="bottom", fontsize=7)
+    left.axhline(10.0, color="grey", linestyle="--", linewidth=1)
+    left.set_xlabel("failover (L: the Raft leader's rack was cut)")
+    left.set_ylabel("seconds")
+    left.legend(loc="upper left", fontsize=8)
+    rto = sorted(r["rto_s"] for r in doc["results"]["trials"])
+    right.step(rto, [(i + 1) / len(rto) for i in range(len(rto))], where="post")
+    right.axvline(10.0, color="grey", linestyle="--", linewidth=1)
+    right.set_xlabel("RTO, seconds (goal: p99 at most 10 s)")
+    right.set_ylabel("fraction of failovers")
+    p = doc["params"]
+    fig.suptitle(
+        f"failover: {len(rto)} power cuts, {p['racks']} racks, link {p['link']},"
+        f" lease {p['lease_s']} s + margin {p['margin_s']} s ({doc['date'][:10]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     import os
 
     args = _parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
     if os.geteuid() != 0:
         print("bench/failover.py needs root (lab namespaces, libvirt)", file=sys.stderr)
         return 2
@@ -264,6 +309,8 @@ def main() -> int:
         "checker_period_s": 0.1,
     }
     path = write_result("failover", args, params=params, results=results, headline=headline)
+    if args.plot is not None:
+        plot(json.loads(path.read_text()), args.plot)
     print_table(
         f"failover: {len(rows)} kills on {RACKS} racks, link {LINK}",
         [
