@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -142,7 +143,7 @@ class Daemon:
             on_event=self.control.add_event,
         )
         self._spawn(keeper.run(), "divergence")
-        self._spawn(_warm_up(hv), "hypervisor-warm-up")
+        self._spawn(_warm_up(hv, self.cfg.state_dir), "hypervisor-warm-up")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -191,31 +192,57 @@ class Daemon:
             log.info("rack %s stopping", self.cfg.rack.name)
 
 
-WARM_UP_POLL_S = 1.0
+WARM_UP_DOMAIN = "meshcloud-warm-up"  # not an appliance name (no "mc-" prefix)
 
 
-async def _warm_up(hv: Any) -> None:
-    """Have libvirt probe QEMU now, not at a start: a failover must not wait for it.
+def _warm_up_xml(disk: Path) -> str:
+    return (
+        f"<domain type='qemu'><name>{WARM_UP_DOMAIN}</name><memory unit='MiB'>16</memory>"
+        "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+        "</devices></domain>"
+    )
+
+
+async def _warm_up(hv: Any, state_dir: Path) -> None:
+    """Have libvirt do its slow first-time work now, not when a failover starts an appliance.
 
     libvirt (9.0, embedded) probes the QEMU binary's capabilities, 4-6 s on a
-    loaded host, the first time a domain is defined, and caches them; and once
-    a domain has started, it probes them once more at the next definition
-    (measured: the cache file is rewritten then). Both probes happen here
-    instead, off the adapter's thread: at start-up, and again once the first
-    domain of this run is up. A later failover onto this rack then defines its
-    domain in milliseconds.
+    loaded host, the first time a domain is defined; and once a domain with a
+    disk has started, it probes them once more at the next definition
+    (measured: its cache file is rewritten then). Both happen here, off the
+    adapter's thread: a probe, one transient domain started paused (it never
+    runs guest code) and destroyed at once, and a probe again. A failover onto
+    this rack then defines its domain in milliseconds.
     """
+    import libvirt
+
+    from meshcloud.hypervisor.qemu_img import run_qemu_img
+
+    disk = state_dir / "run" / "warm-up.qcow2"
 
     def probe(conn: Any) -> None:
         conn.getDomainCapabilities(None, None, None, "qemu", 0)
 
+    def start_once(conn: Any) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(WARM_UP_DOMAIN).destroy()  # left by a daemon that died here
+        dom = conn.createXML(_warm_up_xml(disk), libvirt.VIR_DOMAIN_START_PAUSED)
+        dom.destroy()
+
     try:
         await asyncio.to_thread(hv.run_blocking, probe)
-        while not any(str(info.state) == "running" for info in (await hv.async_list()).values()):
-            await asyncio.sleep(WARM_UP_POLL_S)
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(
+            run_qemu_img, ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"]
+        )
+        await asyncio.to_thread(hv.run_blocking, start_once)
         await asyncio.to_thread(hv.run_blocking, probe)
     except Exception as exc:  # only an optimisation: a start probes anyway
-        log.info("probing QEMU's capabilities ahead of time failed: %s", exc)
+        log.info("warming libvirt up ahead of time failed: %s", exc)
+    finally:
+        disk.unlink(missing_ok=True)
 
 
 def run_daemon(cfg: DaemonConfig) -> None:
