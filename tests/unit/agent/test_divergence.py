@@ -143,3 +143,31 @@ def test_generation_reports_only_for_listed_replicas_on_the_current_epoch() -> N
     assert generation_reports("r3", snap, {"app": CopyInfo(Role.REPLICA, 1, 9)}) == []  # old epoch
     assert generation_reports("r1", snap, {"app": CopyInfo(Role.PRIMARY, 1, 9)}) == []  # not listed
     assert generation_reports("r2", snap, {"app": CopyInfo(Role.PRIMARY, 2, 9)}) == []  # primary
+
+
+def test_the_rack_installs_the_replication_key_with_its_forced_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from meshcloud.agent.replication_wiring import control_dir, install_authorized_keys
+    from meshcloud.config import parse_config
+
+    key = tmp_path / "replication_ed25519"
+    key.write_text("private")
+    key.with_name(key.name + ".pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK7t test\n")
+    cfg = parse_config(
+        {
+            "rack": {"name": "r1"},
+            "state_dir": str(tmp_path / "state"),
+            "replication": {"ssh_key": str(key), "known_hosts": str(tmp_path / "kh")},
+        }
+    )
+    path = install_authorized_keys(cfg, python=Path("/usr/bin/python3"))
+    assert path == tmp_path / "state" / "ssh" / "authorized_keys"
+    line = path.read_text()
+    assert line.startswith('command="/usr/bin/python3 -m meshcloud.replication.serve ')
+    assert ",restrict " in line and line.rstrip().endswith("test")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert (tmp_path / "state" / "volumes" / ".incoming").is_dir()
+    # racks sharing a host (the lab) get different connection-master directories
+    a, b = control_dir(tmp_path / "a"), control_dir(tmp_path / "b")
+    assert a != b and len(str(a)) <= 60
