@@ -105,7 +105,15 @@ def test_merge_killed_halfway_reads_the_same(pair: Pair) -> None:
             start_new_session=True,
             stdout=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.0, 0.4))  # a random point in the merge, not synchronisation
+        # Wait until the merge is copying data (its marker exists), then kill it
+        # at once or a little later: a random point inside the merge itself.
+        marker = pair.store.volume("app").disk_dir("data") / ".merging"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not marker.exists():
+            assert time.monotonic() < deadline, "the merge never started"
+            time.sleep(0.001)
+        if rng.random() < 0.5:
+            time.sleep(rng.uniform(0.0, 0.05))  # a random point in the merge, not synchronisation
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
