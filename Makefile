@@ -31,7 +31,7 @@ typecheck: bootstrap
 
 # Everything, slow suites included: what CI runs.
 test: lint typecheck appliance
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --durations=30 $(PYTEST_ARGS)
 
 # The fast suites only, for a quick check while developing.
 test-fast: bootstrap
