@@ -26,7 +26,6 @@ import logging
 import os
 import pickle
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObjConf
 
+from meshcloud import clock
 from meshcloud.config import MIN_SECRET_LEN, WEAK_SECRETS, DaemonConfig
 from meshcloud.core.errors import ConfigError, Unavailable
 from meshcloud.core.models import Capacity, Rack
@@ -336,7 +336,7 @@ class SyncObjStore(PlacementStore):
         if command.get("op") != "lease_renew":
             return text
         node = self._node
-        command["received_at"] = time.monotonic()
+        command["received_at"] = clock.now()
         command["leader"] = self.settings.rack.name
         command["term"] = int(node.raftCurrentTerm) if node is not None else 0
         return json.dumps(command, sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import pytest
 from raftcluster import LoopbackFirewall, RaftCluster, RaftNode, wait_until
 
+from meshcloud import clock
+
 pytestmark = pytest.mark.slow
 
 
@@ -212,12 +214,15 @@ async def test_lease_renewals_are_stamped_by_the_leader(
     await settled(cluster, 3)
     leader = await cluster.leader()
     rack = cluster.others(leader)[0]
+    before = clock.now()
     answer = await rack.propose(
         {"op": "lease_renew", "rack": rack.name, "issued_at": 12.5, "received_at": 0.0}
     )
     assert answer["ok"], answer
+    after = clock.now()
     state = await rack.request({"op": "state"})
     lease = state["leases"][rack.name]
     assert lease["issued_at"] == 12.5
-    assert lease["leader"] == leader.name and lease["received_at"] > 0
+    # stamped on the clock the leader's lease keeper reads (CLOCK_BOOTTIME; same host here)
+    assert lease["leader"] == leader.name and before <= lease["received_at"] <= after
     assert lease["term"] == (await leader.status())["term"]
