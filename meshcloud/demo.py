@@ -40,6 +40,7 @@ import click
 
 from meshcloud.core.errors import Conflict, MeshcloudError, Unavailable
 from meshcloud.core.models import ApplianceSpec, DiskSpec, PortSpec
+from meshcloud.hypervisor.reach import pipe
 
 if TYPE_CHECKING:
     from meshcloud.agent.images import ImageManifest
@@ -293,17 +294,6 @@ def cluster_ready(lab: Lab) -> bool:
 # -- the forwarder -----------------------------------------------------------------------
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:
-        pass
-
-
 async def async_serve_relay(
     host: str, port: int, connect: Callable[[], socket.socket], label: str
 ) -> asyncio.Server:
@@ -318,7 +308,7 @@ async def async_serve_relay(
             return
         up_r, up_w = await asyncio.open_connection(sock=sock)
         try:
-            await asyncio.gather(_pipe(client_r, up_w), _pipe(up_r, client_w))
+            await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
         finally:
             for w in (up_w, client_w):
                 w.close()

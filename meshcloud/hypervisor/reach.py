@@ -84,7 +84,8 @@ def http_get(
         conn.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy ``reader`` into ``writer`` until EOF, then half-close ``writer``."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
@@ -110,7 +111,7 @@ async def async_serve_forward(
             return
         up_r, up_w = await asyncio.open_connection(sock=sock)
         try:
-            await asyncio.gather(_pipe(client_r, up_w), _pipe(up_r, client_w))
+            await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
         finally:
             for w in (up_w, client_w):
                 w.close()
