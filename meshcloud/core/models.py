@@ -16,6 +16,7 @@ from typing import Any
 
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.names import validate_name
+from meshcloud.core.power import RackPower
 
 # Bounds that keep specs sane on a rack of commodity servers.
 MAX_VCPUS = 64
@@ -311,9 +312,93 @@ class ApplianceState(StrEnum):
     WAITING = "waiting"  # wanted, but no rack has room (see reason)
 
 
+class MovePhase(StrEnum):
+    """How far a planned move has come (docs/failover.md#planned-moves)."""
+
+    HANDOVER = "handover"  # the primary is asked to pause and ship its last writes to ``to``
+    SYNCED = "synced"  # it did: ``to`` holds ``generation``; the guest stays paused
+    SWITCHED = "switched"  # the map runs it on ``to`` under a new epoch; not yet running
+    DONE = "done"  # running on ``to``; ``downtime_s`` measured
+    ABANDONED = "abandoned"  # given up (``reason``); the appliance stays on ``source``
+
+
+ACTIVE_MOVE_PHASES = frozenset({MovePhase.HANDOVER, MovePhase.SYNCED})
+MAX_MOVE_REASON_LEN = 500
+
+
+@dataclass(frozen=True)
+class Move:
+    """A planned move of an appliance from ``source`` to ``to`` (a replica holder).
+
+    ``paused_at`` is the source's wall clock when it paused the guest (a hint:
+    racks may have no time source); ``generation`` the last generation the
+    source shipped to ``to`` with the guest paused; ``downtime_s`` the time
+    from that pause until the guest ran on ``to``.
+    """
+
+    source: str
+    to: str
+    phase: MovePhase = MovePhase.HANDOVER
+    reason: str = ""
+    generation: int | None = None
+    paused_at: float | None = None
+    downtime_s: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_name("move source rack", self.source)
+        validate_name("move target rack", self.to)
+        if self.source == self.to:
+            raise InvalidInput(f"a move from {self.source} to itself is no move")
+        if not isinstance(self.phase, MovePhase):
+            raise InvalidInput(f"move: phase must be one of {', '.join(MovePhase)}")
+        if not isinstance(self.reason, str) or len(self.reason) > MAX_MOVE_REASON_LEN:
+            raise InvalidInput(f"move: reason must be a string of at most {MAX_MOVE_REASON_LEN}")
+        if self.generation is not None:
+            _int_field("move", "generation", self.generation, 0, 1 << 62)
+        for key in ("paused_at", "downtime_s"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"move: {key} must be a number")
+            if value != value or value in (float("inf"), float("-inf")) or value < 0:
+                raise InvalidInput(f"move: {key} must be a finite number, 0 or more")
+
+    @property
+    def active(self) -> bool:
+        """True while the source still holds the appliance (handover or synced)."""
+        return self.phase in ACTIVE_MOVE_PHASES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "to": self.to,
+            "phase": str(self.phase),
+            "reason": self.reason,
+            "generation": self.generation,
+            "paused_at": self.paused_at,
+            "downtime_s": self.downtime_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Move:
+        fields = {"source", "to", "phase", "reason", "generation", "paused_at", "downtime_s"}
+        _check_keys("move", data, fields, {"source", "to"})
+        phase = data.get("phase", "handover")
+        if phase not in {str(p) for p in MovePhase}:
+            raise InvalidInput(f"move: phase must be one of {', '.join(MovePhase)}")
+        kwargs = dict(data)
+        kwargs["phase"] = MovePhase(phase)
+        return cls(**kwargs)
+
+
 @dataclass(frozen=True)
 class Assignment:
-    """Where an appliance runs and where its replicas live, under a fencing epoch."""
+    """Where an appliance runs and where its replicas live, under a fencing epoch.
+
+    ``move`` is the planned move under way (or the last one, finished or
+    abandoned, under this epoch); see docs/failover.md#planned-moves.
+    """
 
     appliance: str
     primary: str | None
@@ -321,9 +406,12 @@ class Assignment:
     epoch: int = 0
     state: ApplianceState = ApplianceState.RUNNING
     reason: str = ""
+    move: Move | None = None
 
     def __post_init__(self) -> None:
         validate_name("appliance", self.appliance)
+        if self.move is not None and not isinstance(self.move, Move):
+            raise InvalidInput(f"assignment {self.appliance}: move must be a move record")
         if self.primary is not None:
             validate_name("rack", self.primary)
         for r in self.replicas:
@@ -340,8 +428,13 @@ class Assignment:
         """Every rack that keeps a copy of the disks, primary first."""
         return ((self.primary,) if self.primary else ()) + self.replicas
 
+    @property
+    def moving(self) -> bool:
+        """True while a planned move is under way (the primary must not resume the guest)."""
+        return self.move is not None and self.move.active
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "appliance": self.appliance,
             "primary": self.primary,
             "replicas": list(self.replicas),
@@ -349,11 +442,15 @@ class Assignment:
             "state": str(self.state),
             "reason": self.reason,
         }
+        if self.move is not None:
+            out["move"] = self.move.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Assignment:
-        fields = {"appliance", "primary", "replicas", "epoch", "state", "reason"}
+        fields = {"appliance", "primary", "replicas", "epoch", "state", "reason", "move"}
         _check_keys("assignment", data, fields, {"appliance", "primary"})
+        move = data.get("move")
         return cls(
             appliance=data["appliance"],
             primary=data["primary"],
@@ -361,6 +458,7 @@ class Assignment:
             epoch=data.get("epoch", 0),
             state=ApplianceState(data.get("state", "running")),
             reason=data.get("reason", ""),
+            move=Move.from_dict(move) if move is not None else None,
         )
 
 
@@ -421,6 +519,10 @@ class ClusterSnapshot:
     leases: Mapping[str, Lease] = field(default_factory=dict)
     replica_generations: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     voters: tuple[str, ...] = ()
+    # Appliances an operator stopped (their desired state, kept in the map):
+    stopped: frozenset[str] = frozenset()
+    # Added for power-aware placement (meshcloud/power, docs/power.md):
+    power: Mapping[str, RackPower] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, rack in self.racks.items():
@@ -435,6 +537,9 @@ class ClusterSnapshot:
         for name, lease in self.leases.items():
             if name != lease.rack:
                 raise InvalidInput(f"lease key {name!r} does not match rack {lease.rack!r}")
+        for name, power in self.power.items():
+            if name != power.rack:
+                raise InvalidInput(f"power key {name!r} does not match rack {power.rack!r}")
 
     def assigned_to(self, rack: str) -> tuple[str, ...]:
         """Appliances whose primary is ``rack``, sorted by name."""
@@ -458,13 +563,15 @@ class ClusterSnapshot:
                 k: dict(sorted(v.items())) for k, v in sorted(self.replica_generations.items())
             },
             "voters": list(self.voters),
+            "stopped": sorted(self.stopped),
+            "power": {k: v.to_dict() for k, v in sorted(self.power.items())},
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterSnapshot:
         fields = {
             "cluster_id", "revision", "racks", "appliances", "assignments",
-            "leases", "replica_generations", "voters",
+            "leases", "replica_generations", "voters", "stopped", "power",
         }  # fmt: skip
         _check_keys("snapshot", data, fields, {"cluster_id"})
         return cls(
@@ -482,4 +589,6 @@ class ClusterSnapshot:
                 k: dict(v) for k, v in data.get("replica_generations", {}).items()
             },
             voters=tuple(data.get("voters", ())),
+            stopped=frozenset(data.get("stopped", ())),
+            power={k: RackPower.from_dict(v) for k, v in data.get("power", {}).items()},
         )

@@ -24,7 +24,12 @@ order of importance (docs/placement.md explains them at length):
    the mappings passed in.
 
 The per-rack ``rack_preference`` score (higher is preferred for primaries,
-0.0 is neutral) is the hook for power-aware placement.
+0.0 is neutral) is the hook for power-aware placement. An *evacuating* rack
+(on battery and about to run out, see meshcloud/core/power.py) is treated
+like a drained rack for primaries: its primaries move away, most important
+first, and nothing new starts there unless no other rack has room. Unlike a
+drained rack it keeps its copies as extra replica holders while it lasts,
+and new copies go elsewhere. Nothing moves back when its power returns.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from enum import StrEnum
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.models import ApplianceSpec, Assignment, ClusterSnapshot, Rack
 from meshcloud.core.placement_pass import NEUTRAL_PREFERENCE, NO_GENERATION, PlacementPass
+from meshcloud.core.power import power_inputs
 
 __all__ = [
     "MAX_PASSES",
@@ -92,7 +98,9 @@ class PlacementInput:
     copy that rack holds, as committed in the map; a holder without one ranks
     below every holder with one. ``rack_preference`` (higher is better,
     default :data:`NEUTRAL_PREFERENCE`) orders racks for primaries after
-    headroom-neutral concerns: the power-aware hook.
+    headroom-neutral concerns: the power-aware hook. ``evacuating`` maps each
+    rack that must lose its primaries before its power runs out to the phrase
+    that says why ("r2 on battery, 9 min left"); see the module docstring.
     """
 
     racks: Mapping[str, Rack]
@@ -101,6 +109,8 @@ class PlacementInput:
     assignments: Mapping[str, Assignment] = field(default_factory=dict)
     replica_generations: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     rack_preference: Mapping[str, float] = field(default_factory=dict)
+    stopped: frozenset[str] = frozenset()  # appliances an operator stopped
+    evacuating: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind, mapping, attr in (
@@ -189,14 +199,26 @@ def place_snapshot(
     event: PlacementEvent | None = None,
     replica_generations: Mapping[str, Mapping[str, int]] | None = None,
     rack_preference: Mapping[str, float] | None = None,
+    evacuating: Mapping[str, str] | None = None,
 ) -> PlacementResult:
-    """:func:`place` on a cluster snapshot."""
+    """:func:`place` on a cluster snapshot.
+
+    ``rack_preference`` and ``evacuating`` default to what the racks' power
+    reports in the snapshot say (:func:`meshcloud.core.power.power_inputs`).
+    """
+    power = power_inputs(snapshot.power, snapshot.racks)
+    if rack_preference is None:
+        rack_preference = power.rack_preference
+    if evacuating is None:
+        evacuating = power.evacuating
     state = PlacementInput(
         racks=snapshot.racks,
         appliances=snapshot.appliances,
         alive=alive,
         assignments=snapshot.assignments,
         replica_generations=replica_generations or {},
-        rack_preference=rack_preference or {},
+        stopped=snapshot.stopped,
+        rack_preference=rack_preference,
+        evacuating=evacuating,
     )
     return place(state, event)

@@ -39,6 +39,7 @@ class PlacementPass:
         racks = state.racks
         self.racks = racks
         self.specs = state.appliances
+        self.stopped = state.stopped
         self.current = state.assignments  # what this pass starts from
         self.original = original  # what the caller passed in: epochs and sentences compare to it
         self.gens = state.replica_generations
@@ -48,6 +49,10 @@ class PlacementPass:
         self.eligible_set = eligible_set
         self.site = {n: r.site for n, r in racks.items()}
         self.pref = {n: float(state.rack_preference.get(n, NEUTRAL_PREFERENCE)) for n in racks}
+        # rack -> why it must lose its primaries (power); it keeps its copies while it lasts
+        self.evacuating = {
+            n: str(why) for n, why in sorted(state.evacuating.items()) if n in eligible_set
+        }
         self.cap_cpu = {n: racks[n].capacity.vcpus for n in self.eligible}
         self.cap_mem = {n: racks[n].capacity.memory_mib for n in self.eligible}
         self.free_cpu = dict(self.cap_cpu)
@@ -111,14 +116,16 @@ class PlacementPass:
         if asg is None:
             return f"{spec.name} added"
         rack = asg.primary
-        if asg.state is not ApplianceState.RUNNING or rack is None:
-            return ""
+        if asg.state is ApplianceState.WAITING or rack is None:
+            return ""  # a stopped appliance that is started again may stay on its rack
         if rack not in self.racks:
             return f"{rack} left the cluster"
         if rack not in self.alive:
             return f"{rack} lost"
         if self.racks[rack].drained:
             return f"{rack} drained"
+        if rack in self.evacuating:
+            return self.evacuating[rack]
         if rack not in self.copies[spec.name]:
             return f"{rack} has too little disk for {spec.name}"
         if self.free_cpu[rack] < spec.vcpus or self.free_mem[rack] < spec.memory_mib:
@@ -161,17 +168,21 @@ class PlacementPass:
         causes = self.causes
         for spec in self.order:
             asg = self.current.get(spec.name)
-            if asg is not None and asg.state is ApplianceState.STOPPED:
-                continue
+            if spec.name in self.stopped:
+                continue  # stays stopped on its rack (see _assignment)
             cause = self._cause(spec, asg)
             if cause is None:
                 assert asg is not None and asg.primary is not None
                 self._assign(spec, asg.primary)
+                if asg.state is ApplianceState.STOPPED:
+                    self.primary_note[spec.name] = (
+                        f"{spec.name} started by an operator; starting it on {asg.primary}"
+                    )
             else:
                 if cause or spec.name not in causes:  # a later pass keeps the first cause
                     causes[spec.name] = cause
                 movers.append((-spec.priority, spec.name))
-        heap = [self._headroom_entry(r) for r in self.eligible]
+        heap = [self._headroom_entry(r) for r in self.eligible if r not in self.evacuating]
         heapq.heapify(heap)
         heapq.heapify(movers)
         while movers:
@@ -189,8 +200,18 @@ class PlacementPass:
     ) -> None:
         name = spec.name
         copies = self.copies[name]
+        had_copies = sorted(copies)
+        evacuating = self.evacuating
+        before = self.current.get(name)
+        if before is not None and before.primary in self.alive:
+            # A planned move (drain, power, room): the source is up and can seed any target,
+            # so racks short of power are no target.
+            copies = {r for r in copies if r not in evacuating}
+        # After a loss the data lives only in the copies: the freshest wins, power or not.
         holders = (
-            sorted(copies, key=lambda r: (-self._gen(name, r), -self.pref[r], r)) if copies else []
+            sorted(copies, key=lambda r: (-self._gen(name, r), r in evacuating, -self.pref[r], r))
+            if copies
+            else []
         )
         skipped: list[str] = []
         for rack in holders:
@@ -210,6 +231,9 @@ class PlacementPass:
             self._push(heap, rack_or_none)
             if holders:
                 detail = f"no replica holder had room; seed its disks from {holders[0]}"
+            elif had_copies:
+                source = before.primary if before is not None else None
+                detail = f"seed its disks from {source if source in had_copies else had_copies[0]}"
             elif not cause or cause.endswith(" added"):
                 detail = ""
             else:
@@ -217,6 +241,8 @@ class PlacementPass:
             self._note_primary(spec, cause, rack_or_none, detail)
             return
         if self._preempt(spec, heap, movers, causes):
+            return
+        if self._last_resort(spec, cause):
             return
         waits = (
             f"{name} waits: no live rack has room for {_needs(spec)}"
@@ -239,7 +265,40 @@ class PlacementPass:
         self.primary_note[spec.name] = note
 
     def _push(self, heap: list[tuple[float, float, str, int]], rack: str) -> None:
-        heapq.heappush(heap, self._headroom_entry(rack))
+        if rack not in self.evacuating:
+            heapq.heappush(heap, self._headroom_entry(rack))
+
+    def _last_resort(self, spec: ApplianceSpec, cause: str) -> bool:
+        """Run ``spec`` on a rack short of power when no other rack has room.
+
+        Its current rack first (no move from one failing rack to another), then the
+        freshest copy, then the most runtime.
+        """
+        name = spec.name
+        before = self.current.get(name)
+        here = before.primary if before is not None else None
+        best: tuple[bool, bool, int, float, str] | None = None
+        for rack in self.evacuating:
+            holds = rack in self.copies[name]
+            if self.free_cpu[rack] < spec.vcpus or self.free_mem[rack] < spec.memory_mib:
+                continue
+            if not holds and self.free_disk[rack] < self.disk[name]:
+                continue
+            key = (rack != here, not holds, -self._gen(name, rack), -self.pref[rack], rack)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return False
+        rack = best[4]
+        self._assign(spec, rack)
+        if rack == here:
+            self.primary_note[name] = (
+                f"no rack with steady power has room for {name}; it stays on {rack}"
+                " while its power lasts"
+            )
+        else:
+            self._note_primary(spec, cause, rack, "every rack with room is short of power")
+        return True
 
     def _pop_roomiest(
         self, spec: ApplianceSpec, heap: list[tuple[float, float, str, int]]
@@ -275,6 +334,8 @@ class PlacementPass:
         """Stop the least important appliances on one rack to make room for ``spec``."""
         best: tuple[tuple[int, int, bool, float, str], list[ApplianceSpec]] | None = None
         for rack in self.eligible:
+            if rack in self.evacuating:
+                continue  # no appliance is stopped to run another on a rack short of power
             if self.cap_cpu[rack] < spec.vcpus or self.cap_mem[rack] < spec.memory_mib:
                 continue
             holds = rack in self.copies[spec.name]
@@ -334,6 +395,8 @@ class PlacementPass:
     def _place_replicas(self) -> None:
         sites: dict[str, list[tuple[int, str, int]]] = {}
         for r in self.eligible:
+            if r in self.evacuating:
+                continue  # no new copies on racks short of power
             sites.setdefault(self.site[r], []).append((-self.free_disk[r], r, self.version[r]))
         for heap in sites.values():
             heapq.heapify(heap)
@@ -357,6 +420,9 @@ class PlacementPass:
                 if len(copies) > 1
                 else []
             )
+            # A rack short of power keeps its copy while it lasts, on top of the replicas.
+            dying = [r for r in existing if r in self.evacuating]
+            existing = [r for r in existing if r not in self.evacuating]
             for holder in existing:
                 if len(chosen) < want and self.site[holder] not in used_sites:
                     chosen.append(holder)
@@ -385,7 +451,7 @@ class PlacementPass:
                 holders.add(new)
             if len(chosen) < want or len(used_sites) < len(chosen) + 1:
                 self.short += 1
-            self.replicas[name] = tuple(sorted(chosen))
+            self.replicas[name] = tuple(sorted(chosen + dying))
 
     def _kept_holders(
         self, spec: ApplianceSpec, sites: dict[str, list[tuple[int, str, int]]]
@@ -409,7 +475,10 @@ class PlacementPass:
         self.free_disk[rack] -= self.disk[spec.name]
         self.copies[spec.name].add(rack)
         self._touch(rack)
-        heapq.heappush(sites[self.site[rack]], (-self.free_disk[rack], rack, self.version[rack]))
+        if rack not in self.evacuating:
+            heapq.heappush(
+                sites[self.site[rack]], (-self.free_disk[rack], rack, self.version[rack])
+            )
 
     def _release_copy(
         self, spec: ApplianceSpec, rack: str, sites: dict[str, list[tuple[int, str, int]]]
@@ -418,7 +487,10 @@ class PlacementPass:
         self.copies[spec.name].discard(rack)
         self.released = True
         self._touch(rack)
-        heapq.heappush(sites[self.site[rack]], (-self.free_disk[rack], rack, self.version[rack]))
+        if rack not in self.evacuating:
+            heapq.heappush(
+                sites[self.site[rack]], (-self.free_disk[rack], rack, self.version[rack])
+            )
 
     def _site_top(self, heap: list[tuple[int, str, int]]) -> tuple[int, str, int] | None:
         version = self.version
@@ -493,9 +565,18 @@ class PlacementPass:
         old_epoch = old.epoch if old else 0
         rack = self.primary.get(name)
         replicas = self.replicas.get(name, ())
-        if old is not None and old.state is ApplianceState.STOPPED:
+        if name in self.stopped:
+            # Stopped on the rack that ran it: its latest writes live there, and it starts
+            # there again (reconcile stops it: the map no longer says "running").
             state = ApplianceState.STOPPED
-            reason = old.reason
+            rack = old.primary if old is not None and old.primary in self.racks else None
+            replicas = tuple(r for r in replicas if r != rack)
+            if old is not None and old.state is ApplianceState.STOPPED:
+                reason = old.reason
+            else:
+                where = f" on {rack}" if rack else ""
+                reason = f"{name} stopped by an operator{where}"
+                self.primary_note[name] = reason
         elif rack is None:
             state = ApplianceState.WAITING
             self.waiting += 1
@@ -518,7 +599,8 @@ class PlacementPass:
             self.reasons.append(f"{note}; {replica_part}" if replica_part else note)
         elif replica_part:
             self.reasons.append(f"{name}: {replica_part}")
-        return Assignment(name, rack, replicas, epoch, state, reason)
+        move = old.move if old is not None and old.epoch == epoch else None  # the map keeps it
+        return Assignment(name, rack, replicas, epoch, state, reason, move)
 
     def _rack_status(self, rack: str) -> str:
         if rack not in self.racks:

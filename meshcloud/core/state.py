@@ -28,8 +28,25 @@ diverged_report    record: a copy a rack kept aside after a failover (rack, id,
                    appliance, sizes and time span; see :class:`DivergedCopy`)
 diverged_discard   rack, id: an operator asks the rack to delete that copy
 diverged_remove    rack, id: the rack deleted it (or it is gone)
+power_report       power: a RackPower as a dict (the rack's power source and
+                   state; the rack must have joined; see docs/power.md)
 append             key, value: append a value to a named list (history tests)
+appliance_desired  name, state: ``running`` or ``stopped`` (an operator's wish;
+                   placement keeps a stopped appliance stopped, on its rack)
+move_begin         appliance, epoch, to, [reason]: a planned move to replica
+                   holder ``to`` (see "Planned moves" below)
+move_synced        appliance, epoch, rack, generation, paused_at: the primary
+                   paused the guest and ``to`` holds its last writes
+move_switch        appliance, epoch: the map runs it on ``to`` under epoch + 1
+move_done          appliance, epoch, rack, downtime_s: it runs on ``to``
+move_abandon       appliance, epoch, reason: the move is given up; it stays
 =================  ==========================================================
+
+Planned moves (docs/failover.md#planned-moves) live in the assignment's
+``move`` record. Only the move ops change it while the epoch stays: an
+``assignment_set`` under the same epoch keeps the current record, so a
+leader deciding from an older snapshot cannot erase a move under way; a new
+epoch (a failover, or ``move_switch``) ends it.
 
 :func:`apply` never raises: a malformed or refused command leaves the state
 unchanged and returns ``{"ok": False, "error": KIND, "message": ...}`` with
@@ -55,12 +72,16 @@ from typing import Any
 from meshcloud.core.errors import Conflict, InvalidInput, MeshcloudError, NotFound
 from meshcloud.core.models import (
     ApplianceSpec,
+    ApplianceState,
     Assignment,
     ClusterSnapshot,
     Lease,
+    Move,
+    MovePhase,
     Rack,
 )
 from meshcloud.core.names import name_problem, validate_name
+from meshcloud.core.power import RackPower
 
 MAX_DIVERGED_ID_LEN = 128
 MAX_DIVERGED_REASON_LEN = 500
@@ -186,6 +207,8 @@ class PlacementState:
     generations: Mapping[str, Mapping[str, int]] = field(default_factory=_frozen)
     logs: Mapping[str, tuple[str | int, ...]] = field(default_factory=_frozen)
     diverged: Mapping[str, DivergedCopy] = field(default_factory=_frozen)  # "rack/id" -> copy
+    stopped: frozenset[str] = frozenset()  # appliances an operator stopped
+    power: Mapping[str, RackPower] = field(default_factory=_frozen)  # rack -> its last report
 
     def snapshot(self) -> ClusterSnapshot:
         """The immutable view the control loops read (see meshcloud.core.models)."""
@@ -198,6 +221,8 @@ class PlacementState:
             leases=self.leases,
             replica_generations=self.generations,
             voters=self.voters,
+            stopped=self.stopped,
+            power=self.power,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +241,8 @@ class PlacementState:
             },
             "logs": {k: list(v) for k, v in sorted(self.logs.items())},
             "diverged": {k: v.to_dict() for k, v in sorted(self.diverged.items())},
+            "stopped": sorted(self.stopped),
+            "power": {k: v.to_dict() for k, v in sorted(self.power.items())},
         }
 
     @classmethod
@@ -238,6 +265,8 @@ class PlacementState:
             diverged=_frozen(
                 {k: DivergedCopy.from_dict(v) for k, v in data.get("diverged", {}).items()}
             ),
+            stopped=frozenset(data.get("stopped", ())),
+            power=_frozen({k: RackPower.from_dict(v) for k, v in data.get("power", {}).items()}),
         )
 
 
@@ -345,7 +374,14 @@ _FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "diverged_report": ({"record"}, set()),
     "diverged_discard": ({"rack", "id"}, set()),
     "diverged_remove": ({"rack", "id"}, set()),
+    "power_report": ({"power"}, set()),
     "append": ({"key", "value"}, set()),
+    "appliance_desired": ({"name", "state"}, set()),
+    "move_begin": ({"appliance", "epoch", "to"}, {"reason"}),
+    "move_synced": ({"appliance", "epoch", "rack", "generation", "paused_at"}, set()),
+    "move_switch": ({"appliance", "epoch"}, set()),
+    "move_done": ({"appliance", "epoch", "rack", "downtime_s"}, set()),
+    "move_abandon": ({"appliance", "epoch", "reason"}, set()),
 }
 OPS = tuple(sorted(_FIELDS))
 
@@ -438,6 +474,10 @@ def _check_diverged_key(c: Mapping[str, Any]) -> None:
         raise InvalidInput(f"diverged copy id must be a string of 1-{MAX_DIVERGED_ID_LEN} chars")
 
 
+def _check_power(c: Mapping[str, Any]) -> None:
+    RackPower.from_dict(_mapping("power_report", "power", c["power"]))
+
+
 def _check_append(c: Mapping[str, Any]) -> None:
     key = c["key"]
     if name_problem(key) is not None:
@@ -449,6 +489,32 @@ def _check_append(c: Mapping[str, Any]) -> None:
         raise InvalidInput(f"append: value longer than {MAX_LOG_VALUE_LEN} characters")
     if isinstance(value, int) and abs(value) > MAX_GENERATION:
         raise InvalidInput("append: integer value out of range")
+
+
+def _check_desired(c: Mapping[str, Any]) -> None:
+    validate_name("appliance", c["name"])
+    if c["state"] not in ("running", "stopped"):
+        raise InvalidInput(
+            f"appliance_desired: state must be 'running' or 'stopped', not {c['state']!r:.40}"
+        )
+
+
+def _check_move(c: Mapping[str, Any]) -> None:
+    op = str(c["op"])
+    validate_name("appliance", c["appliance"])
+    _int(op, "epoch", c["epoch"])
+    if "to" in c:
+        validate_name("move target rack", c["to"])
+    if "rack" in c:
+        validate_name("rack", c["rack"])
+    if "generation" in c:
+        _int(op, "generation", c["generation"])
+    for key in ("paused_at", "downtime_s"):
+        if key in c and _number(op, key, c[key]) < 0:
+            raise InvalidInput(f"{op}: {key} must be 0 or more")
+    reason = c.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_DIVERGED_REASON_LEN:
+        raise InvalidInput(f"{op}: reason must be a string of at most {MAX_DIVERGED_REASON_LEN}")
 
 
 _CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
@@ -463,7 +529,14 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "diverged_report": _check_diverged_record,
     "diverged_discard": _check_diverged_key,
     "diverged_remove": _check_diverged_key,
+    "power_report": _check_power,
     "append": _check_append,
+    "appliance_desired": _check_desired,
+    "move_begin": _check_move,
+    "move_synced": _check_move,
+    "move_switch": _check_move,
+    "move_done": _check_move,
+    "move_abandon": _check_move,
 }
 
 
@@ -510,7 +583,13 @@ def _op_rack_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementS
     racks = _without(s.racks, name)
     current = tuple(v for v in s.voters if v != name)
     voters = choose_voters(racks, current, s.max_voters)
-    new = replace(s, racks=racks, voters=voters, leases=_without(s.leases, name))
+    new = replace(
+        s,
+        racks=racks,
+        voters=voters,
+        leases=_without(s.leases, name),
+        power=_without(s.power, name),
+    )
     promoted = sorted(set(voters) - set(s.voters))
     return new, {"ok": True, "changed": True, "promoted": promoted}
 
@@ -531,6 +610,7 @@ def _op_appliance_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[Place
         appliances=_without(s.appliances, name),
         assignments=_without(s.assignments, name),
         generations=_without(s.generations, name),
+        stopped=s.stopped - {name},
     )
     return new, {"ok": True, "changed": True}
 
@@ -561,6 +641,8 @@ def _op_assignment_set(s: PlacementState, c: Mapping[str, Any]) -> tuple[Placeme
                 f"appliance {asg.appliance}: moving the primary from {current.primary} to"
                 f" {asg.primary} needs a new epoch (above {current.epoch})"
             )
+    if current is not None and asg.epoch == current.epoch:
+        asg = replace(asg, move=current.move)  # only the move ops change it (module docstring)
     if current == asg:
         return s, {"ok": True, "changed": False, "epoch": asg.epoch}
     new = replace(s, assignments=_set(s.assignments, asg.appliance, asg))
@@ -624,6 +706,111 @@ def _op_diverged_remove(s: PlacementState, c: Mapping[str, Any]) -> tuple[Placem
     return replace(s, diverged=_without(s.diverged, key)), {"ok": True, "changed": True}
 
 
+def _op_power_report(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    power = RackPower.from_dict(c["power"])
+    if power.rack not in s.racks:
+        raise NotFound(f"rack {power.rack} has not joined: it cannot report its power")
+    if s.power.get(power.rack) == power:
+        return s, {"ok": True, "changed": False}
+    return replace(s, power=_set(s.power, power.rack, power)), {"ok": True, "changed": True}
+
+
+def _op_appliance_desired(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    name = c["name"]
+    if name not in s.appliances:
+        raise NotFound(f"appliance {name} does not exist")
+    stopped = s.stopped | {name} if c["state"] == "stopped" else s.stopped - {name}
+    if stopped == s.stopped:
+        return s, {"ok": True, "changed": False}
+    return replace(s, stopped=frozenset(stopped)), {"ok": True, "changed": True}
+
+
+def _moving(s: PlacementState, c: Mapping[str, Any], *phases: MovePhase) -> tuple[Assignment, Move]:
+    """The assignment at the command's epoch whose move is in one of ``phases``."""
+    name, epoch = c["appliance"], c["epoch"]
+    asg = s.assignments.get(name)
+    if asg is None:
+        raise NotFound(f"appliance {name} has no assignment")
+    if asg.epoch != epoch:
+        raise Conflict(f"appliance {name} is at epoch {asg.epoch}, not {epoch}: the move is over")
+    move = asg.move
+    if move is None or move.phase not in phases:
+        now = f"its move is {move.phase}" if move is not None else "no move is under way"
+        raise Conflict(f"{c['op']} of {name}: {now}")
+    return asg, move
+
+
+def _with_move(
+    s: PlacementState, asg: Assignment, move: Move, **fields: Any
+) -> tuple[PlacementState, Result]:
+    new_asg = replace(asg, move=replace(move, **fields))
+    new = replace(s, assignments=_set(s.assignments, asg.appliance, new_asg))
+    return new, {"ok": True, "changed": True, "epoch": asg.epoch}
+
+
+def _op_move_begin(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    name, epoch, to = c["appliance"], c["epoch"], c["to"]
+    asg = s.assignments.get(name)
+    if asg is None or name not in s.appliances:
+        raise NotFound(f"appliance {name} has no assignment: it is not placed yet")
+    if asg.epoch != epoch:
+        raise Conflict(f"appliance {name} is at epoch {asg.epoch}, not {epoch}: decide again")
+    if asg.state is not ApplianceState.RUNNING or asg.primary is None or name in s.stopped:
+        raise Conflict(f"appliance {name} is {asg.state}, not running: there is nothing to move")
+    if asg.moving:
+        assert asg.move is not None
+        raise Conflict(f"appliance {name} is already moving to {asg.move.to}")
+    if to == asg.primary:
+        raise Conflict(f"appliance {name} already runs on {to}")
+    if to not in asg.replicas:
+        holders = ", ".join(asg.replicas) or "none"
+        raise Conflict(
+            f"{to} holds no replica of {name}: a planned move goes to a replica holder ({holders})"
+        )
+    move = Move(asg.primary, to, MovePhase.HANDOVER, reason=c.get("reason", ""))
+    new = replace(s, assignments=_set(s.assignments, name, replace(asg, move=move)))
+    return new, {"ok": True, "changed": True, "epoch": epoch}
+
+
+def _op_move_synced(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    asg, move = _moving(s, c, MovePhase.HANDOVER)
+    if c["rack"] != asg.primary:
+        raise Conflict(f"{c['rack']} is not the primary of {asg.appliance} ({asg.primary})")
+    return _with_move(
+        s, asg, move, phase=MovePhase.SYNCED, generation=c["generation"],
+        paused_at=float(c["paused_at"]),
+    )  # fmt: skip
+
+
+def _op_move_switch(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    asg, move = _moving(s, c, MovePhase.SYNCED)
+    replicas = tuple(sorted((set(asg.replicas) - {move.to}) | {move.source}))
+    new_asg = Assignment(
+        asg.appliance,
+        move.to,
+        replicas,
+        asg.epoch + 1,
+        ApplianceState.RUNNING,
+        f"moved from {move.source} to {move.to} (generation {move.generation})"
+        + (f": {move.reason}" if move.reason else ""),
+        replace(move, phase=MovePhase.SWITCHED),
+    )
+    new = replace(s, assignments=_set(s.assignments, asg.appliance, new_asg))
+    return new, {"ok": True, "changed": True, "epoch": new_asg.epoch}
+
+
+def _op_move_done(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    asg, move = _moving(s, c, MovePhase.SWITCHED)
+    if c["rack"] != asg.primary:
+        raise Conflict(f"{c['rack']} is not the primary of {asg.appliance} ({asg.primary})")
+    return _with_move(s, asg, move, phase=MovePhase.DONE, downtime_s=float(c["downtime_s"]))
+
+
+def _op_move_abandon(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    asg, move = _moving(s, c, MovePhase.HANDOVER, MovePhase.SYNCED)
+    return _with_move(s, asg, move, phase=MovePhase.ABANDONED, reason=c["reason"])
+
+
 def _op_append(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
     key, value = c["key"], c["value"]
     old = s.logs.get(key, ())
@@ -645,7 +832,14 @@ _OPS: dict[str, Callable[[PlacementState, Mapping[str, Any]], tuple[PlacementSta
     "diverged_report": _op_diverged_report,
     "diverged_discard": _op_diverged_discard,
     "diverged_remove": _op_diverged_remove,
+    "power_report": _op_power_report,
     "append": _op_append,
+    "appliance_desired": _op_appliance_desired,
+    "move_begin": _op_move_begin,
+    "move_synced": _op_move_synced,
+    "move_switch": _op_move_switch,
+    "move_done": _op_move_done,
+    "move_abandon": _op_move_abandon,
 }
 
 _ERROR_KINDS: tuple[tuple[type[MeshcloudError], str], ...] = (
