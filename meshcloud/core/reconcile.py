@@ -15,7 +15,11 @@ what the local hypervisor reports, and decides what to do about it:
   behind; the next cycle sees the newer map);
 - without a lease, start nothing: pause everything at once, destroy it after
   ``fence_grace_s``. With the lease back and the appliance still assigned
-  here under the same epoch, resume it (a short blip costs no reboot).
+  here under the same epoch, resume it (a short blip costs no reboot);
+- a planned move under way (the assignment's ``move`` record, see
+  meshcloud/core/moves.py): while it is in ``handover``, hand the appliance
+  over (:class:`HandOver`: pause, final sync, report) and never start or
+  resume it; once ``synced``, keep it paused until the map switches it.
 
 The lease itself is reduced here to :class:`LeaseView` (held, or lost since
 a time); how a rack gains and loses its lease is the failover work's
@@ -33,7 +37,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from meshcloud.core.errors import InvalidInput
-from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot
+from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot, MovePhase
 
 # -- inputs ------------------------------------------------------------------------------
 
@@ -180,6 +184,19 @@ class Destroy:
 
 
 @dataclass(frozen=True)
+class HandOver:
+    """Planned move: pause the guest, ship its last writes to ``to``, report it in the map.
+
+    The executor runs it beside the loop; on failure it abandons the move (with
+    the reason) so that the appliance resumes here.
+    """
+
+    appliance: str
+    epoch: int
+    to: str
+
+
+@dataclass(frozen=True)
 class ReportFailed:
     """Tell the cluster the appliance keeps crashing here and will not be restarted."""
 
@@ -188,7 +205,7 @@ class ReportFailed:
     crashes: int
 
 
-Action = Start | Stop | Pause | Resume | Destroy | ReportFailed
+Action = Start | Stop | Pause | Resume | Destroy | ReportFailed | HandOver
 
 
 class Decision(NamedTuple):
@@ -199,7 +216,9 @@ class Decision(NamedTuple):
 
 
 # Executed in this order: make room and fence first, start last.
-_ORDER: dict[type, int] = {Destroy: 0, Stop: 1, Pause: 2, Resume: 3, ReportFailed: 4, Start: 5}
+_ORDER: dict[type, int] = {
+    Destroy: 0, Stop: 1, Pause: 2, Resume: 3, ReportFailed: 4, HandOver: 5, Start: 6,
+}  # fmt: skip
 
 
 def _names(items: list[str]) -> str:
@@ -325,6 +344,9 @@ class _Cycle:
     def _keep_running(self, name: str, asg: Assignment, dom: LocalDomain | None) -> Start | None:
         """The appliance is assigned here: make it run under the map's epoch."""
         epoch = asg.epoch
+        if asg.moving:
+            self._hand_over(name, asg, dom)
+            return None
         if dom is not None and dom.state is DomainState.RUNNING:
             if dom.epoch == epoch:
                 self.running_ok += 1
@@ -351,6 +373,21 @@ class _Cycle:
             self.explained.add(name)
             return Start(name, epoch)
         return self._restart(name, epoch)
+
+    def _hand_over(self, name: str, asg: Assignment, dom: LocalDomain | None) -> None:
+        """A planned move from this rack: hand over, or stay paused until the switch."""
+        assert asg.move is not None
+        move = asg.move
+        if move.phase is MovePhase.HANDOVER:
+            if dom is not None and dom.state in LIVE and dom.epoch < asg.epoch:
+                self.actions.append(Destroy(name))  # a VM of an older history must not sync
+            self.actions.append(HandOver(name, asg.epoch, move.to))
+            self._say("handover", f"{name} to {move.to}")
+        elif dom is not None and dom.state in ACTIVE:
+            self.actions.append(Pause(name))  # synced: it must not write again here
+            self._say("hold", f"{name} (synced to {move.to})")
+        else:
+            self._say("switch", f"{name} to switch to {move.to}")
 
     def _restart(self, name: str, epoch: int) -> Start | None:
         """Not running: start it, unless it keeps crashing (back off, then report)."""
@@ -410,6 +447,12 @@ class _Cycle:
             parts.append(f"stopping {_names(c['unassigned'])}: no longer assigned here")
         if "resume" in c:
             parts.append(f"resuming {_names(c['resume'])}: lease held and still assigned here")
+        if "handover" in c:
+            parts.append(f"handing {_names(c['handover'])} over (planned move: pause, final sync)")
+        if "hold" in c:
+            parts.append(f"pausing {_names(c['hold'])}: it must not write here again")
+        if "switch" in c:
+            parts.append(f"waiting for {_names(c['switch'])}")
         parts.extend(c.get("failed", []))
         if "restart" in c:
             parts.append(f"restarting {_names(c['restart'])}")

@@ -572,7 +572,8 @@ def test_stopped_appliance_stays_stopped_and_keeps_its_copies() -> None:
     stopped = Assignment(
         "voip", None, ("r1", "r2"), epoch=3, state=STOPPED, reason="stopped by alice"
     )
-    r = place(state(R3, [app("voip")], [stopped]))
+    s = replace(state(R3, [app("voip")], [stopped]), stopped=frozenset({"voip"}))
+    r = place(s)
     assert r.assignments["voip"] == stopped and r.reasons == ()
 
 
