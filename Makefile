@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap demo demo-down test test-fast lint typecheck bench bench-quick appliance rack-image clean
+.PHONY: bootstrap demo demo-down test test-fast lint typecheck bench bench-quick appliance rack-image field-guide clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -38,10 +38,14 @@ test-fast: bootstrap
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: bootstrap appliance
-	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do [ "$$b" = bench/plot.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-quick: bootstrap appliance
-	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@for b in bench/[!_]*.py; do [ "$$b" = bench/plot.py ] && continue; echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+# The printable field guide and quick card, en and fr, in field-guide/build/ (weasyprint).
+field-guide: bootstrap
+	@$(PY) -m meshcloud.fieldguide build
 
 clean:
 	rm -rf build rack-images/appliances/build .mypy_cache .pytest_cache .ruff_cache
