@@ -255,6 +255,51 @@ class ConsoleConfig(_Strict):
         return self
 
 
+class PowerConfig(_Strict):
+    """The rack's power source: a UPS through Network UPS Tools, or none (docs/power.md)."""
+
+    source: str = Field("none", description="none (always on mains) | nut (a UPS via upsd)")
+    nut_host: str = Field("127.0.0.1", description="upsd's address (an IP address)")
+    nut_port: int = Field(3493, ge=1, le=65535, description="upsd's TCP port")
+    nut_ups: str = Field("ups", description="the UPS's name in ups.conf")
+    nut_timeout_s: float = Field(3.0, gt=0, le=60, description="deadline of one read of upsd")
+    poll_s: float = Field(5.0, gt=0, le=3600, description="read the power source this often")
+    evacuate_below_s: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="on battery with less runtime than this, move the rack's appliances away",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v not in ("none", "nut"):
+            raise ValueError("must be none or nut")
+        return v
+
+    @field_validator("nut_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address") from None
+        return v
+
+    @field_validator("nut_ups")
+    @classmethod
+    def _ups(cls, v: str) -> str:
+        if (
+            not v
+            or len(v) > 64
+            or not all(c.isalnum() or c in "_.-" for c in v)
+            or not v[0].isalnum()
+        ):
+            raise ValueError(f"{v!r} is not a valid UPS name (1-64 of [A-Za-z0-9_.-])")
+        return v
+
+
 class DaemonConfig(_Strict):
     """The whole daemon configuration file."""
 
@@ -267,6 +312,7 @@ class DaemonConfig(_Strict):
     replication: ReplicationConfig = ReplicationConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
     console: ConsoleConfig = ConsoleConfig()
+    power: PowerConfig = PowerConfig()
 
     @field_validator("state_dir")
     @classmethod

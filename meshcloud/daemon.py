@@ -24,6 +24,8 @@ from meshcloud.agent.watchdog import Watchdog, make_watchdog
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
 from meshcloud.discovery import Discovery
+from meshcloud.power.reporter import PowerReporter
+from meshcloud.power.source import source_from_config
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.auth import api_token
@@ -111,6 +113,7 @@ class Daemon:
         self.control.attach(store, self.lease)
         self.control.attach_replication(self.wiring)
         self._spawn(self.wiring.report_loop(), "replica-reports")
+        self._spawn(self._power_reporter(store).run(), "power")
         hooks = RackHooks(self.gate, self.lease.fence_in, self.wiring.lease_seen)
         self._spawn(
             run_appliance_loops(
@@ -127,6 +130,18 @@ class Daemon:
         cluster_uuid = self.discovery.status.cluster_uuid
         log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
         await self.membership.publish_loop(store)
+
+    def _power_reporter(self, store: PlacementStore) -> PowerReporter:
+        """Publishes the rack's power state (UPS or mains) through the map (docs/power.md)."""
+        p = self.cfg.power
+        return PowerReporter(
+            self.cfg.rack.name,
+            source_from_config(p),
+            store,
+            poll_s=p.poll_s,
+            evacuate_below_s=p.evacuate_below_s,
+            on_event=self.control.add_event,
+        )
 
     def _hypervisor_ready(self, hv: Any) -> None:
         """The agent opened the hypervisor: live replication, and the divergence keeper."""

@@ -60,7 +60,8 @@ class RackPower:
     move its primaries away. ``updated_at`` is the rack's clock when it read
     the source (a hint: racks' clocks are not comparable). ``status`` is the
     UPS's raw ``ups.status`` flags; ``error`` says why the source could not
-    be read (the other fields then hold the last good reading, or mains).
+    be read: the other fields then hold the last good reading (or mains if
+    there was none), and placement keeps deciding on them.
     """
 
     rack: str
@@ -152,7 +153,7 @@ def battery_phrase(power: RackPower) -> str:
 
 def must_evacuate(power: RackPower) -> bool:
     """True when the rack is on battery with low battery or less runtime than its threshold."""
-    if power.error or not power.on_battery:
+    if not power.on_battery:
         return False
     if power.low_battery:
         return True
@@ -161,7 +162,7 @@ def must_evacuate(power: RackPower) -> bool:
 
 def preference(power: RackPower | None) -> float:
     """The rack's preference for new primaries: mains 0.0 > battery (more runtime first)."""
-    if power is None or power.error or not power.on_battery:
+    if power is None or not power.on_battery:
         return MAINS_PREFERENCE
     if power.runtime_s is not None:
         # Whole minutes: the score moves in steps, so equal racks tie and names break it.

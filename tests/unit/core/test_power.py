@@ -123,7 +123,8 @@ def test_power_report_is_stored_validated_and_removed_with_the_rack() -> None:
         (battery(runtime_s=3600, low=True), True, "on battery, low battery, 60 min left"),
         (battery(runtime_s=None, charge=12), False, "on battery, charge 12 %"),
         (battery(runtime_s=100, threshold=0), False, "on battery, 1 min left"),
-        (RackPower("r2", PowerSource.NUT, True, True, error="upsd unreachable"), False, ""),
+        # The last good reading holds while the UPS cannot be read.
+        (RackPower("r2", PowerSource.NUT, True, True, error="upsd unreachable"), True, ""),
     ],
 )
 def test_when_a_rack_must_be_evacuated(power: RackPower, evacuate: bool, phrase: str) -> None:
@@ -147,7 +148,7 @@ def test_preference_ranks_mains_then_long_runtime_then_short() -> None:
     assert all(a >= b for a, b in itertools.pairwise(prefs))
     assert prefs[0] > prefs[1] and prefs[2] > prefs[3] > prefs[4] > prefs[5]
     # An unreadable UPS is no reason to avoid a rack.
-    assert preference(RackPower("r2", PowerSource.NUT, True, True, error="down")) == 0.0
+    assert preference(RackPower("r2", PowerSource.NUT, error="no reading yet")) == 0.0
 
 
 def test_power_inputs_name_the_racks_and_why() -> None:
