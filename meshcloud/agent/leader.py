@@ -9,10 +9,15 @@ leader's proposals are refused), each cycle:
 2. computes the assignments with the pure
    :func:`meshcloud.core.placement.place_snapshot` (alive racks from leases,
    replica generations from the map);
-3. proposes ``assignment_set`` with ``expected_epoch`` = the epoch the
+3. turns placement's moves away from a live primary into planned moves
+   (:func:`meshcloud.core.moves.plan_moves`: ``move_begin``, then
+   ``move_switch`` once the old primary has synced, or ``move_abandon``) and
+   proposes those first;
+4. proposes ``assignment_set`` with ``expected_epoch`` = the epoch the
    snapshot holds, for each assignment that changed (placement itself gives
    a new primary a new epoch);
-4. logs one sentence (placement's reasons) and publishes it as an event.
+5. logs one sentence (the plan's and placement's reasons) and publishes it
+   as an event.
 
 A cycle runs when the map changes and at least every ``period_s``. A
 refused proposal (the map moved meanwhile) or an unavailable store ends the
@@ -24,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from meshcloud.core.errors import Conflict, MeshcloudError, NotFound, Unavailable
-from meshcloud.core.models import ClusterSnapshot
+from meshcloud.core.models import Assignment, ClusterSnapshot
+from meshcloud.core.moves import MovePlan, MoveSettings, age_key, plan_moves
 from meshcloud.core.placement import PlacementResult, place_snapshot
 from meshcloud.core.state import PlacementState
 from meshcloud.raft.store import PlacementStore
@@ -50,7 +58,9 @@ def every_rack_alive(snapshot: ClusterSnapshot) -> frozenset[str]:
     return frozenset(snapshot.racks)
 
 
-def assignment_commands(snapshot: ClusterSnapshot, result: PlacementResult) -> list[dict[str, Any]]:
+def assignment_commands(
+    snapshot: ClusterSnapshot, result: PlacementResult | MovePlan
+) -> list[dict[str, Any]]:
     """The compare-and-set commands that turn the snapshot's assignments into ``result``'s."""
     commands = []
     for name, wanted in sorted(result.assignments.items()):
@@ -78,6 +88,13 @@ class PlacementCycle:
     committed: int
 
 
+def _sentences(result: PlacementResult, plan: MovePlan) -> list[str]:
+    """The plan's sentences, then placement's, leaving out placement's about held appliances."""
+    held = [re.compile(rf"\b{re.escape(name)}\b") for name in sorted(plan.held)]
+    kept = [r for r in result.reasons if not any(p.search(r) for p in held)]
+    return [*plan.reasons, *kept]
+
+
 def _revision_other_than(revision: int) -> Callable[[PlacementState], bool]:
     return lambda state: state.revision != revision
 
@@ -93,13 +110,35 @@ class PlacementLoop:
         alive: AliveFn | None = None,
         on_event: EventSink | None = None,
         period_s: float = 1.0,
+        moves: MoveSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rack = rack
         self.store = store
         self.alive = alive or every_rack_alive
         self.on_event = on_event
         self.period_s = period_s
+        self.moves = moves or MoveSettings()
+        self.clock = clock
         self.last_cycle: PlacementCycle | None = None
+        # appliance -> (what its age counts from, when this leader first saw it)
+        self._since: dict[str, tuple[tuple[object, ...], float]] = {}
+
+    def _ages(
+        self, snapshot: ClusterSnapshot, wanted: Mapping[str, Assignment]
+    ) -> dict[str, float]:
+        """How long this leader has seen each appliance as it is (a new leader starts at 0)."""
+        now = self.clock()
+        ages = {}
+        for name, asg in wanted.items():
+            key = age_key(snapshot.assignments.get(name), asg)
+            seen = self._since.get(name)
+            if seen is None or seen[0] != key:
+                seen = self._since[name] = (key, now)
+            ages[name] = now - seen[1]
+        for name in set(self._since) - set(wanted):
+            del self._since[name]
+        return ages
 
     def leads(self) -> bool:
         """Whether this rack believes it is the Raft leader (a hint; writes are CAS)."""
@@ -131,7 +170,9 @@ class PlacementLoop:
         if alive is None:
             return PlacementCycle("this rack does not lead: no lease view of the others", 0, 0)
         result = place_snapshot(snapshot, alive, replica_generations=snapshot.replica_generations)
-        commands = assignment_commands(snapshot, result)
+        ages = self._ages(snapshot, result.assignments)
+        plan = plan_moves(snapshot, result.assignments, alive, ages, self.moves)
+        commands = [*plan.commands, *assignment_commands(snapshot, plan)]
         if not commands:
             self.last_cycle = PlacementCycle("placement unchanged", 0, 0)
             return self.last_cycle
@@ -147,7 +188,7 @@ class PlacementLoop:
                 problem = f"cannot commit now ({exc}); retrying"
                 break
             committed += 1
-        reasons = list(result.reasons) or [f"{len(commands)} assignment(s) updated"]
+        reasons = _sentences(result, plan) or [f"{len(commands)} assignment(s) updated"]
         sentence = "; ".join(reasons)
         if problem:
             sentence += f" ({committed} of {len(commands)} committed: {problem})"

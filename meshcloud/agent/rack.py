@@ -15,6 +15,13 @@ reconcile rules then restart it in place with back-off, and after
 ``max_restarts`` report it once as failed. A start that fails (image
 missing or corrupt, hypervisor error) is retried with its own back-off.
 
+Planned moves (meshcloud/core/moves.py, docs/failover.md#planned-moves): on
+the old primary, a ``HandOver`` action pauses the guest, runs the
+replication engine's final sync to the target beside the loop and commits
+``move_synced`` (or ``move_abandon`` with the reason, and the guest resumes);
+on the target, once the guest runs, the agent commits ``move_done`` with the
+downtime and says it in an event.
+
 After a power cut the agent starts from nothing: it knows no crash, and
 reconcile starts exactly what the map assigns here under the map's epoch.
 Domains of appliances the map moved elsewhere stay stopped (their disks
@@ -29,6 +36,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,8 +44,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from meshcloud.agent.executor import ActionExecutor
 from meshcloud.clock import now as clock_now
-from meshcloud.core.errors import MeshcloudError
-from meshcloud.core.models import ApplianceState, ClusterSnapshot
+from meshcloud.core.errors import MeshcloudError, ReplicationError
+from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot, MovePhase
 from meshcloud.core.reconcile import (
     ACTIVE,
     LIVE,
@@ -46,6 +54,7 @@ from meshcloud.core.reconcile import (
     Decision,
     Destroy,
     DomainState,
+    HandOver,
     LeaseView,
     LocalDomain,
     Pause,
@@ -224,6 +233,8 @@ def replication_duties(
         spec = snapshot.appliances.get(name)
         if asg.primary != rack or asg.state is not ApplianceState.RUNNING or spec is None:
             continue
+        if asg.moving:
+            continue  # the handover runs its own final sync; no cycle may freeze after it
         if not spec.disks:
             continue
         if domains is not None:
@@ -270,6 +281,9 @@ class RackAgent:
         self._known_appliances: set[str] = set()
         self._to_forget: set[str] = set()
         self._stops: dict[str, asyncio.Task[None]] = {}
+        self._handovers: dict[str, asyncio.Task[None]] = {}
+        self._handed_over: set[tuple[str, int]] = set()  # (appliance, epoch) synced here
+        self.wall_clock: Callable[[], float] = time.time  # move downtimes (a hint across racks)
 
     # -- running -------------------------------------------------------------------
 
@@ -299,9 +313,10 @@ class RackAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
         finally:
-            for task in [*watchers, *self._stops.values()]:
+            tasks = [*watchers, *self._stops.values(), *self._handovers.values()]
+            for task in tasks:
                 task.cancel()
-            for task in [*watchers, *self._stops.values()]:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
@@ -400,6 +415,8 @@ class RackAgent:
             elif isinstance(action, Destroy):
                 self.book.forget(name)
                 await self.executor.async_destroy(name)
+            elif isinstance(action, HandOver):
+                self._hand_over_in_background(action)
             elif isinstance(action, Pause):
                 await self.executor.async_pause(name)
             elif isinstance(action, Resume):
@@ -438,8 +455,104 @@ class RackAgent:
             self.wake()
 
     async def settle(self) -> None:
-        """Wait for the stops still in flight (tests; the loop itself never waits)."""
-        await asyncio.gather(*self._stops.values(), return_exceptions=True)
+        """Wait for the stops and handovers in flight (tests; the loop itself never waits)."""
+        await asyncio.gather(
+            *self._stops.values(), *self._handovers.values(), return_exceptions=True
+        )
+
+    # -- planned moves ------------------------------------------------------------------
+
+    def _hand_over_in_background(self, action: HandOver) -> None:
+        """The final sync takes seconds: run it beside the loop (fencing must not wait)."""
+        name = action.appliance
+        running = self._handovers.get(name)
+        if (running is not None and not running.done()) or (
+            name,
+            action.epoch,
+        ) in self._handed_over:
+            return
+        self._handovers[name] = asyncio.create_task(
+            self._hand_over(action), name=f"agent-handover-{name}"
+        )
+
+    async def _hand_over(self, action: HandOver) -> None:
+        """Pause, final sync to the target, ``move_synced``; on failure abandon and resume."""
+        name, epoch, to = action.appliance, action.epoch, action.to
+        try:
+            if self.engine is None:
+                raise ReplicationError("this rack runs no replication engine")
+            infos = await self.hv.async_list()
+            info = infos.get(name)
+            if info is not None and DomainState(str(info.state)) in ACTIVE:
+                await self.executor.async_pause(name)
+            paused_at = self.wall_clock()
+            t0 = self.clock()
+            report = await self.engine.async_final_sync(name, epoch, (to,))
+            sync_s = self.clock() - t0
+            command = {
+                "op": "move_synced", "appliance": name, "epoch": epoch, "rack": self.rack,
+                "generation": report.generation, "paused_at": paused_at,
+            }  # fmt: skip
+            await self._propose_with_retries(command)
+            self._handed_over.add((name, epoch))
+            self._emit(
+                "move",
+                f"{name} paused on {self.rack} and its last writes shipped to {to} (generation"
+                f" {report.generation}, {report.data_bytes} bytes, {sync_s:.2f} s); waiting for"
+                " the switch",
+                name,
+            )
+        except asyncio.CancelledError:
+            raise
+        except MeshcloudError as exc:
+            why = f"final sync of {name} to {to} failed: {exc}"
+            log.warning("%s", why)
+            try:
+                await self._propose_with_retries(
+                    {"op": "move_abandon", "appliance": name, "epoch": epoch,
+                     "reason": f"{why}"[:400] + f"; {name} resumes on {self.rack}"}
+                )  # fmt: skip
+            except MeshcloudError as again:
+                log.warning("could not abandon the move of %s (%s): the leader will", name, again)
+            self._emit(
+                "move-abandoned",
+                f"{why}; the move is abandoned and {name} resumes on {self.rack}",
+                name,
+            )
+        finally:
+            self.wake()
+
+    async def _propose_with_retries(self, command: dict[str, object], attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                await self.store.propose(command, timeout_s=5.0)
+                return
+            except MeshcloudError:
+                if attempt == attempts - 1:
+                    raise
+
+    async def _report_move_done(self, name: str, asg: Assignment) -> None:
+        """The guest runs here after a planned move: record and say the downtime."""
+        move = asg.move
+        if move is None or move.phase is not MovePhase.SWITCHED or move.to != self.rack:
+            return
+        down = None if move.paused_at is None else max(0.0, self.wall_clock() - move.paused_at)
+        if down is not None:
+            command = {
+                "op": "move_done", "appliance": name, "epoch": asg.epoch, "rack": self.rack,
+                "downtime_s": round(down, 3),
+            }  # fmt: skip
+            try:
+                await self._propose_with_retries(command)
+            except MeshcloudError as exc:
+                log.warning("could not record the downtime of %s's move: %s", name, exc)
+        said = f"down {down:.2f} s" if down is not None else "downtime unknown"
+        self._emit(
+            "move",
+            f"moved {name} from {move.source} to {self.rack} without losing a write: {said}"
+            f" from the pause on {move.source} to running here (generation {move.generation})",
+            name,
+        )
 
     async def _start(self, action: Start, snapshot: ClusterSnapshot) -> str:
         name = action.appliance
@@ -467,6 +580,7 @@ class RackAgent:
             return f"start of {name} failed: {exc}"
         self.start_failures.pop(name, None)
         self.book.started(name, action.epoch)
+        await self._report_move_done(name, latest)
         return ""
 
     async def _forget_deleted(

@@ -56,7 +56,8 @@ class MoveSettings:
     move needs no timeout, the target's start is an ordinary start.
     ``retry_after_s``: after an abandoned move, before placement may try again.
     ``catch_up_s``: how long to wait for the target's copy to report a
-    generation before moving by stop-and-start instead.
+    generation before moving by stop-and-start instead (at once in a cluster
+    that reports no replica at all: it ships nothing).
     """
 
     timeout_s: float = 60.0
@@ -120,6 +121,8 @@ def plan_moves(
     commands: list[dict[str, Any]] = []
     reasons: list[str] = []
     held: set[str] = set()
+    # No replica report anywhere in the map: this cluster ships nothing (no replication key).
+    replicating = any(snapshot.replica_generations.values())
     for name in sorted(wanted):
         new = wanted[name]
         old = snapshot.assignments.get(name)
@@ -187,6 +190,8 @@ def plan_moves(
                 f"{cause}; handing {name} over from {source} to {target} (replica gen"
                 f" {gens[target]}): pause, final sync, start there"
             )
+        elif not replicating:
+            out[name] = new  # no rack ships replicas: a restart elsewhere is all there is
         elif age >= settings.catch_up_s:
             out[name] = new
             reasons.append(

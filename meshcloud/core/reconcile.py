@@ -382,7 +382,7 @@ class _Cycle:
             if dom is not None and dom.state in LIVE and dom.epoch < asg.epoch:
                 self.actions.append(Destroy(name))  # a VM of an older history must not sync
             self.actions.append(HandOver(name, asg.epoch, move.to))
-            self._say("handover", f"{name} to {move.to}")
+            self._say("handover", f"{name} over to {move.to}")
         elif dom is not None and dom.state in ACTIVE:
             self.actions.append(Pause(name))  # synced: it must not write again here
             self._say("hold", f"{name} (synced to {move.to})")

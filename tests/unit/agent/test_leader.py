@@ -123,3 +123,27 @@ async def test_alive_none_means_not_leading() -> None:
     loop = PlacementLoop("r1", store, alive=lambda _snap: None)
     result = await loop.cycle()
     assert result.commands == 0 and store.proposed == []
+
+
+async def test_a_drain_of_a_replicating_cluster_moves_by_handover_then_switch() -> None:
+    store = cluster(appliances=("a",))
+    events: list[str] = []
+    loop = PlacementLoop("r1", store, on_event=lambda k, m, a: events.append(m))
+    await loop.cycle()
+    asg = store.snapshot().assignments["a"]
+    (replica,) = asg.replicas
+    store.apply_now({"op": "replica_report", "appliance": "a", "rack": replica, "generation": 4})
+    assert asg.primary is not None
+    drain(store, asg.primary)
+    await loop.cycle()
+    moving = store.snapshot().assignments["a"]
+    assert moving.primary == asg.primary and moving.epoch == asg.epoch and moving.moving
+    assert f"handing a over from {asg.primary} to {replica}" in events[-1]
+    assert "moving a to" not in events[-1]  # placement's stop-and-start sentence is left out
+    assert (await loop.cycle()).commands == 0  # waits for the old primary's final sync
+    store.apply_now({"op": "move_synced", "appliance": "a", "epoch": asg.epoch,
+                     "rack": asg.primary, "generation": 5, "paused_at": 1.0})  # fmt: skip
+    await loop.cycle()
+    after = store.snapshot().assignments["a"]
+    assert after.primary == replica and after.epoch == asg.epoch + 1
+    assert "switching it to" in events[-1]

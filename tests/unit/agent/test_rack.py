@@ -320,3 +320,90 @@ def test_short_embed_uri_links_long_roots(tmp_path: Path) -> None:
     assert Path(short.split("root=", 1)[1]).is_symlink()
     assert short_embed_uri("qemu:///system") == "qemu:///system"
     assert short_embed_uri("qemu:///embed?root=/short") == "qemu:///embed?root=/short"
+
+
+# -- planned moves -------------------------------------------------------------------
+
+
+class FinalSync:
+    """Stands in for the engine's final sync (the real one is tested with real rsync/ssh)."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, int, tuple[str, ...]]] = []
+
+    def set_duties(self, duties: Any) -> None:
+        self.duties = duties
+
+    async def async_final_sync(self, name: str, epoch: int, replicas: tuple[str, ...]) -> Any:
+        from types import SimpleNamespace
+
+        from meshcloud.core.errors import ReplicationError
+
+        self.calls.append((name, epoch, replicas))
+        if self.fail:
+            raise ReplicationError(self.fail)
+        return SimpleNamespace(generation=7, data_bytes=4096)
+
+
+def deploy_replicated(world: World, primary: str = "r1") -> None:
+    world.store.apply_now({"op": "appliance_set", "spec": spec("a").to_dict()})
+    replicas = tuple(r for r in ("r1", "r2") if r != primary)
+    world.store.apply_now(
+        {"op": "assignment_set", "assignment": Assignment("a", primary, replicas, 3).to_dict(),
+         "expected_epoch": None}
+    )  # fmt: skip
+
+
+async def test_a_planned_move_pauses_syncs_and_reports_then_never_resumes(world: World) -> None:
+    deploy_replicated(world)
+    sync = FinalSync()
+    world.agent.engine = sync  # type: ignore[assignment]
+    await world.agent.cycle()
+    assert world.hv.running() == {"a": 3}
+    world.store.apply_now({"op": "move_begin", "appliance": "a", "epoch": 3, "to": "r2"})
+    decision = await world.agent.cycle()
+    assert "handing a over" in decision.reason and sync.duties == {}  # no cycle may freeze it
+    await world.agent.settle()
+    assert sync.calls == [("a", 3, ("r2",))]
+    assert world.hv.domains["a"].state is HvState.PAUSED
+    move = world.store.state().assignments["a"].move
+    assert move is not None and move.phase == "synced" and move.generation == 7
+    assert any(k == "move" and "shipped to r2 (generation 7" in m for k, m, _ in world.events)
+    again = await world.agent.cycle()  # synced: stays paused, no second sync
+    await world.agent.settle()
+    assert again.actions == () and world.hv.domains["a"].state is HvState.PAUSED
+    assert len(sync.calls) == 1
+    world.store.apply_now({"op": "move_switch", "appliance": "a", "epoch": 3})
+    await world.agent.cycle()
+    assert ("destroy", "a") in world.hv.calls and world.hv.running() == {}
+
+
+async def test_a_failed_final_sync_abandons_the_move_and_resumes_here(world: World) -> None:
+    deploy_replicated(world)
+    world.agent.engine = FinalSync(fail="r2 unreachable")  # type: ignore[assignment]
+    await world.agent.cycle()
+    world.store.apply_now({"op": "move_begin", "appliance": "a", "epoch": 3, "to": "r2"})
+    await world.agent.cycle()
+    await world.agent.settle()
+    asg = world.store.state().assignments["a"]
+    assert asg.move is not None and asg.move.phase == "abandoned"
+    assert "r2 unreachable" in asg.move.reason and asg.move.reason.endswith("a resumes on r1")
+    assert any(k == "move-abandoned" for k, _m, _a in world.events)
+    decision = await world.agent.cycle()
+    assert "resuming a" in decision.reason and world.hv.running() == {"a": 3}
+
+
+async def test_the_target_reports_the_downtime_once_the_guest_runs(world: World) -> None:
+    deploy_replicated(world, primary="r2")
+    s = world.store
+    s.apply_now({"op": "move_begin", "appliance": "a", "epoch": 3, "to": "r1"})
+    s.apply_now({"op": "move_synced", "appliance": "a", "epoch": 3, "rack": "r2",
+                 "generation": 9, "paused_at": 500.0})  # fmt: skip
+    s.apply_now({"op": "move_switch", "appliance": "a", "epoch": 3})
+    world.agent.wall_clock = lambda: 502.5
+    await world.agent.cycle()
+    assert world.hv.running() == {"a": 4}
+    move = s.state().assignments["a"].move
+    assert move is not None and move.phase == "done" and move.downtime_s == 2.5
+    assert any("down 2.50 s from the pause on r2" in m for _k, m, _a in world.events)
