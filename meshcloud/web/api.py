@@ -13,6 +13,7 @@ from aiohttp import web
 from meshcloud.core.errors import InvalidInput, NotFound
 from meshcloud.core.models import ApplianceSpec
 from meshcloud.core.names import validate_name
+from meshcloud.core.power import must_evacuate
 from meshcloud.web.control import ClusterControl
 from meshcloud.web.sse import stream
 from meshcloud.web.validation import read_json
@@ -25,6 +26,13 @@ RECENT_EVENTS = 50
 def cluster_document(control: ClusterControl, answered_by: str) -> dict[str, Any]:
     snap = control.snapshot()
     doc = snap.to_dict()
+    # Each rack carries its power state (null until it reports; docs/power.md).
+    doc.pop("power", None)
+    for name, rack_doc in doc["racks"].items():
+        power = snap.power.get(name)
+        rack_doc["power"] = (
+            None if power is None else power.to_dict() | {"evacuating": must_evacuate(power)}
+        )
     doc["leader"] = control.leader()
     doc["answered_by"] = answered_by
     doc["health"] = control.health()

@@ -29,10 +29,33 @@ export function rackModel(doc) {
     else [level, words] = ["unknown", t("rack_member")];
     out.push({
       name, site: rack.site, rack, health: hl, used, runs, level, words,
-      leader: doc.leader === name, voter: !!hl.voter,
+      leader: doc.leader === name, voter: !!hl.voter, power: powerModel(rack.power),
     });
   }
   return out;
+}
+
+/** A rack's power from its report (docs/power.md): {level, words, left}. */
+export function powerModel(power) {
+  if (!power) return { level: "unknown", words: t("power_unknown"), left: "" };
+  let level, words, left = "";
+  if (power.on_battery) {
+    if (typeof power.runtime_s === "number") left = t("power_left", { left: fmtSeconds(power.runtime_s) });
+    else if (typeof power.charge_pct === "number") left = t("power_charge", { pct: Math.round(power.charge_pct) });
+    level = power.evacuating ? "bad" : "warn";
+    words = t(power.evacuating ? "power_evacuating" : "power_battery", { left: left || "—" });
+    if (power.low_battery) words += ` · ${t("power_low")}`;
+  } else {
+    level = "ok";
+    if (power.source === "mains") words = t("power_mains_no_ups");
+    else if (typeof power.charge_pct === "number") words = t("power_mains_charge", { pct: Math.round(power.charge_pct) });
+    else words = t("power_mains_ups");
+  }
+  if (power.error) {
+    if (level === "ok") level = "warn";
+    words += ` · ${t("power_unreadable", { error: power.error })}`;
+  }
+  return { level, words, left };
 }
 
 /** Appliances with where they run, their replicas and how far behind each is. */
@@ -72,6 +95,14 @@ export function attention(doc, diverged) {
   for (const r of rackModel(doc)) {
     if (r.level === "bad") items.push({ level: "bad", text: t("att_rack_lost", { rack: r.name, age: fmtSeconds(r.health.lease_age_s) }), href: "#/racks" });
     else if (r.level === "warn") items.push({ level: "warn", text: t("att_rack_drained", { rack: r.name }), href: "#/racks" });
+    if (r.level === "bad") continue;  // a lost rack's last power report is history
+    const p = r.rack.power;
+    if (p && p.on_battery) {
+      const key = p.evacuating ? "att_rack_evacuating" : "att_rack_battery";
+      items.push({ level: r.power.level, text: t(key, { rack: r.name, left: r.power.left || t("power_low") }), href: "#/racks" });
+    } else if (p && p.error) {
+      items.push({ level: "warn", text: t("att_rack_ups", { rack: r.name, error: p.error }), href: "#/racks" });
+    }
   }
   for (const m of applianceModel(doc)) {
     if (m.level === "bad" || m.level === "warn") {
@@ -111,6 +142,7 @@ export function overview(state) {
       h("h2", {}, h("a", { href: "#/racks" }, tn("racks_count", racks.length))),
       h("ul", { class: "tiles" }, racks.map((r) => h("li", { class: `tile ${r.level}`, "data-rack": r.name },
         h("strong", {}, r.name), " ", badge(r.level, r.words),
+        r.power.level === "warn" || r.power.level === "bad" ? [" ", badge(r.power.level, r.power.words)] : null,
         h("small", {}, t("site_is", { site: r.site }), r.leader ? ` · ${t("leader")}` : ""))))),
     h("section", {},
       h("h2", {}, h("a", { href: "#/appliances" }, tn("apps_count", apps.length))),
@@ -143,7 +175,7 @@ export function racksView(state, ctx) {
         field(t("lease_age"), fmtSeconds(r.health.lease_age_s)),
         field(t("load_cpu"), `${r.used.vcpus} / ${r.rack.capacity.vcpus} (${percent(r.used.vcpus, r.rack.capacity.vcpus)})`),
         field(t("load_mem"), `${fmtMiB(r.used.memory_mib)} / ${fmtMiB(r.rack.capacity.memory_mib)} (${percent(r.used.memory_mib, r.rack.capacity.memory_mib)})`),
-        field(t("power"), r.rack.power || "—"),
+        field(t("power"), badge(r.power.level, r.power.words)),
         field(t("role"), [r.leader ? t("leader") : null, r.voter ? t("voter") : t("follower")].filter(Boolean).join(", ")),
         field(t("address"), r.rack.address ? `${r.rack.address}:${r.rack.api_port}` : "—"),
         field(t("runs"), r.runs.length ? r.runs.join(", ") : "—"),
