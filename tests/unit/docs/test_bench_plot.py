@@ -45,7 +45,7 @@ DOC = {
 
 def test_the_figures_block_says_when_where_and_whether_goals_are_met() -> None:
     block = plot.figures_block(DOC, Path("failover.png"))
-    assert "| `rto_p99_s` | 31.5 | <= 30 | **no** |" in block
+    assert "| `rto_p99_s` | 31.5 | <= 10 | **no** |" in block
     assert "| `double_run_violations` | 0 | == 0 | yes |" in block
     assert "2026-11-22T08:18:05+00:00, quick run" in block and "8.7 / 8.0 / 8.9" in block
     assert "![failover](benchmarks/failover.png)" in block
