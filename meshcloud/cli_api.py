@@ -81,8 +81,12 @@ def _appliance_table(doc: dict[str, Any]) -> str:
     rows = []
     for name, spec in doc["appliances"].items():
         asg = doc["assignments"].get(name) or {}
+        state = asg.get("state", "pending")
+        move = asg.get("move") or {}
+        if move.get("phase") in ("handover", "synced"):
+            state = f"{state}, moving to {move['to']}"
         rows.append([
-            name, spec["priority"], asg.get("state", "pending"), asg.get("primary"),
+            name, spec["priority"], state, asg.get("primary"),
             ",".join(asg.get("replicas", [])) or "-", asg.get("epoch", "-"),
         ])  # fmt: skip
     return table(["APPLIANCE", "PRIORITY", "STATE", "PRIMARY", "REPLICAS", "EPOCH"], rows)
@@ -145,6 +149,63 @@ def appliance_rm(name: str, api: str | None, token: str | None, rack_config: Pat
     validate_name("appliance", name)
     _client(api, token, rack_config).request("DELETE", f"/api/v1/appliances/{name}")
     click.echo(f"removed {name}")
+
+
+def _appliance_action(
+    action: str, name: str, api: str | None, token: str | None, rc: Path | None,
+    body: dict[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    from meshcloud.core.names import validate_name
+
+    validate_name("appliance", name)
+    return _client(api, token, rc).request("POST", f"/api/v1/appliances/{name}/{action}", body)
+
+
+@appliance.command("start")
+@click.argument("name")
+@api_option
+@token_option
+@rack_config_option
+def appliance_start(
+    name: str, api: str | None, token: str | None, rack_config: Path | None
+) -> None:
+    """Start appliance NAME again after a stop (on the rack that ran it, when it can)."""
+    _appliance_action("start", name, api, token, rack_config)
+    click.echo(f"{name}: desired state running; its rack starts it")
+
+
+@appliance.command("stop")
+@click.argument("name")
+@api_option
+@token_option
+@rack_config_option
+def appliance_stop(name: str, api: str | None, token: str | None, rack_config: Path | None) -> None:
+    """Stop appliance NAME; it keeps its data and stays stopped until started."""
+    _appliance_action("stop", name, api, token, rack_config)
+    click.echo(f"{name}: desired state stopped; its rack shuts it down")
+
+
+@appliance.command("move")
+@click.argument("name")
+@click.option("--to", "to", help="the target rack (a replica holder); default: the best one")
+@api_option
+@token_option
+@rack_config_option
+def appliance_move(
+    name: str, to: str | None, api: str | None, token: str | None, rack_config: Path | None
+) -> None:
+    """Move appliance NAME to another rack without losing a write (planned move)."""
+    from meshcloud.core.names import validate_name
+
+    body = None
+    if to is not None:
+        body = {"to": validate_name("rack", to)}
+    doc = _appliance_action("move", name, api, token, rack_config, body)
+    move = doc.get("move", {})
+    click.echo(
+        f"{name}: moving from {move.get('source')} to {move.get('to')} (pause, final sync, start"
+        " there); `meshcloud appliance ls` shows it, the events give the downtime"
+    )
 
 
 @click.group()

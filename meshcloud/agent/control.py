@@ -12,6 +12,7 @@ from meshcloud.agent.lease import LeaseKeeper
 from meshcloud.core.errors import NotFound, Unavailable
 from meshcloud.core.events import Event
 from meshcloud.core.models import ApplianceSpec, ClusterSnapshot
+from meshcloud.core.moves import move_command
 from meshcloud.core.state import PlacementState
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.sse import Broadcaster
@@ -213,6 +214,26 @@ class StoreControl:
         doc = current.to_dict()
         doc["drained"] = drained
         await store.propose({"op": "rack_join", "rack": doc})
+
+    async def set_desired(self, name: str, state: str) -> None:
+        """Keep an operator's ``running`` / ``stopped`` in the map (placement follows it)."""
+        store = self._require()
+        if name not in store.state().appliances:
+            raise NotFound(f"appliance {name} does not exist")
+        await store.propose({"op": "appliance_desired", "name": name, "state": state})
+
+    async def move_appliance(self, name: str, to: str | None, reason: str = "") -> dict[str, Any]:
+        """Begin a planned move of ``name`` (meshcloud.core.moves.move_command); its record.
+
+        The entry point for operators and for power evacuations that pick their
+        own target; the leader finishes the move (docs/failover.md#planned-moves).
+        """
+        store = self._require()
+        await store.propose(move_command(store.snapshot(), name, to, reason))
+        move = store.snapshot().assignments[name].move
+        if move is None:
+            raise Unavailable(f"the move of {name} was committed but is not visible yet; retry")
+        return move.to_dict()
 
     def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         return self.bus.subscribe()

@@ -74,7 +74,11 @@ def _appliance_status(control: ClusterControl, name: str) -> dict[str, Any]:
     if spec is None:
         raise NotFound(f"appliance {name} does not exist")
     asg = snap.assignments.get(name)
-    return {"spec": spec.to_dict(), "assignment": asg.to_dict() if asg else None}
+    return {
+        "spec": spec.to_dict(),
+        "assignment": asg.to_dict() if asg else None,
+        "desired": "stopped" if name in snap.stopped else "running",
+    }
 
 
 async def get_appliance(request: web.Request) -> web.Response:
@@ -97,6 +101,32 @@ async def delete_appliance(request: web.Request) -> web.Response:
     name = validate_name("appliance", request.match_info["name"])
     await request.app[CONTROL].delete_appliance(name)
     return web.json_response({"deleted": name})
+
+
+async def _set_desired(request: web.Request, state: str) -> web.Response:
+    name = validate_name("appliance", request.match_info["name"])
+    control = request.app[CONTROL]
+    await control.set_desired(name, state)
+    return web.json_response(_appliance_status(control, name))
+
+
+async def start_appliance(request: web.Request) -> web.Response:
+    return await _set_desired(request, "running")
+
+
+async def stop_appliance(request: web.Request) -> web.Response:
+    return await _set_desired(request, "stopped")
+
+
+async def move_appliance(request: web.Request) -> web.Response:
+    """A planned move; the body ``{"to": RACK}`` is optional (placement's best holder)."""
+    name = validate_name("appliance", request.match_info["name"])
+    to = None
+    if request.can_read_body:
+        body = await read_json(request, "MoveRequest")
+        to = body.get("to")
+    move = await request.app[CONTROL].move_appliance(name, to)
+    return web.json_response({"appliance": name, "move": move}, status=202)
 
 
 async def _set_drained(request: web.Request, drained: bool) -> web.Response:

@@ -35,5 +35,11 @@ class ClusterControl(Protocol):
     async def set_drained(self, rack: str, drained: bool) -> None:
         """Drain or undrain a rack (NotFound if absent)."""
 
+    async def set_desired(self, name: str, state: str) -> None:
+        """An operator's wish for an appliance: ``running`` or ``stopped`` (NotFound if absent)."""
+
+    async def move_appliance(self, name: str, to: str | None) -> dict[str, Any]:
+        """Begin a planned move (to a replica holder; None: the best one); the move record."""
+
     def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Live updates as (type, document): ("event", ...) and ("cluster", ...)."""

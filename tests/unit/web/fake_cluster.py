@@ -12,7 +12,17 @@ from argon2 import PasswordHasher
 
 from meshcloud.core.errors import NotFound
 from meshcloud.core.events import Event, Severity
-from meshcloud.core.models import ApplianceSpec, Assignment, Capacity, ClusterSnapshot, Rack
+from meshcloud.core.models import (
+    ApplianceSpec,
+    ApplianceState,
+    Assignment,
+    Capacity,
+    ClusterSnapshot,
+    Move,
+    MovePhase,
+    Rack,
+)
+from meshcloud.core.moves import move_command
 from meshcloud.web.sse import Broadcaster
 
 # Cheap argon2 parameters: tests hash many passwords.
@@ -58,6 +68,7 @@ class MemoryControl:
         self.assignments: dict[str, Assignment] = {}
         self.generations: dict[str, dict[str, int]] = {}
         self.lost: set[str] = set()
+        self.stopped: set[str] = set()
         self.events: list[Event] = []
         self.bus = Broadcaster()
 
@@ -69,6 +80,7 @@ class MemoryControl:
             dict(self.assignments),
             len(self.events),
             replica_generations={k: dict(v) for k, v in self.generations.items()},
+            stopped=frozenset(self.stopped),
         )
 
     def health(self) -> dict[str, Any]:
@@ -130,6 +142,44 @@ class MemoryControl:
             old.name, old.site, old.capacity, old.address, old.api_port, drained=drained
         )
         self.publish()
+
+    async def set_desired(self, name: str, state: str) -> None:
+        if name not in self.appliances:
+            raise NotFound(f"appliance {name} does not exist")
+        asg = self.assignments[name]
+        if state == "stopped":
+            self.stopped.add(name)
+            new_state, said = (
+                ApplianceState.STOPPED,
+                f"{name} stopped by an operator on {asg.primary}",
+            )
+        else:
+            self.stopped.discard(name)
+            new_state, said = ApplianceState.RUNNING, f"{name} started by an operator"
+        self.assignments[name] = Assignment(
+            name, asg.primary, asg.replicas, asg.epoch, new_state, said, asg.move
+        )
+        self.add_event("placement", said)
+        self.publish()
+
+    async def move_appliance(self, name: str, to: str | None) -> dict[str, Any]:
+        """The whole planned move at once: handover, final sync, switch, running there."""
+        command = move_command(self.snapshot(), name, to)
+        asg = self.assignments[name]
+        assert asg.primary is not None
+        target = str(command["to"])
+        replicas = tuple(sorted((set(asg.replicas) - {target}) | {asg.primary}))
+        move = Move(asg.primary, target, MovePhase.DONE, str(command["reason"]), 12,
+                    time.time() - 1.2, 1.2)  # fmt: skip
+        self.assignments[name] = Assignment(
+            name, target, replicas, asg.epoch + 1, reason=f"moved from {asg.primary}", move=move
+        )
+        self.add_event(
+            "move",
+            f"moved {name} from {asg.primary} to {target} without losing a write: down 1.20 s",
+        )
+        self.publish()
+        return move.to_dict()
 
     def lose(self, rack: str) -> None:
         self.lost.add(rack)
