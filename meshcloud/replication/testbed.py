@@ -46,7 +46,7 @@ def ensure_login_user(name: str = LOGIN_USER) -> str:
         pwd.getpwnam(name)
     except KeyError:
         subprocess.run(
-            ["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/nonexistent", "-s", "/bin/sh",
+            ["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/", "-s", "/bin/sh",
              "-p", "*", name],
             check=True,
             capture_output=True,
