@@ -180,6 +180,26 @@ class Lab:
         """
         return self.dir / "ssh" / "replication_ed25519"
 
+    def nut_dir(self, rack: str) -> Path:
+        """The rack's NUT config (ups.conf, upsd.conf, ups.dev) when the lab has UPSes."""
+        return self.rack_dir(rack) / "nut"
+
+    def set_ups(
+        self, rack: str, status: str, charge_pct: float = 100.0, runtime_s: float = 3600.0
+    ) -> None:
+        """Change what ``rack``'s UPS reports (``"OB DISCHRG"``, ``"OB LB"``, ``"OL CHRG"``).
+
+        Rewrites the dummy-ups driver's ``ups.dev`` atomically; the driver
+        re-reads it when it changes (within its poll interval, 2 s).
+        """
+        plan.rack_index(rack)
+        path = self.nut_dir(rack) / "ups.dev"
+        if not path.exists():
+            raise LabError(f"rack {rack} has no UPS: start the lab with nut=True (--nut)")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(plan.ups_dev(status, charge_pct, runtime_s))
+        os.replace(tmp, path)
+
     def fencer_socket(self, rack: str) -> Path:
         """The rack's fencing helper socket (the daemon arms it with its lease expiry)."""
         return self.rack_dir(rack) / "run" / "fencer.sock"
@@ -261,8 +281,13 @@ class Lab:
         wait: bool = True,
         timeout: float = 60.0,
         owner_pid: int | None = None,
+        nut: bool = False,
     ) -> None:
         """Create the lab: bridge, ``racks`` racks with sshd and (by default) their daemons.
+
+        ``nut``: every rack also gets a UPS (NUT's dummy-ups driver and upsd in
+        its namespace) and its daemon reads it (``power.source: nut``); change
+        a rack's UPS state with :meth:`set_ups`.
 
         ``daemon_argv`` is a template (placeholders {config} {rack} {ip}
         {state_dir} {rack_dir} {lab}); default ``meshcloud daemon --config
@@ -275,6 +300,8 @@ class Lab:
         """
         require_root()
         network.check_tools()
+        if nut:
+            _check_nut()
         if not isinstance(racks, int) or not 1 <= racks <= plan.MAX_RACKS:
             raise LabError(f"--racks must be 1..{plan.MAX_RACKS}, not {racks!r}")
         site_list = plan.parse_sites(sites, racks)
@@ -313,6 +340,7 @@ class Lab:
                 default_link=str(spec),
                 owner_pid=owner_pid,
                 owner_starttime=_starttime(owner_pid),
+                nut=nut,
             )
             try:
                 self._write_lab_files()
@@ -389,6 +417,13 @@ class Lab:
         # The fencing helper: kills the rack's QEMU when its daemon stops re-arming it.
         rack.services["fencer"] = [sys.executable, "-m", "meshcloud.agent.fencer",
                                    "--socket", str(self.fencer_socket(name))]  # fmt: skip
+        if state.nut:
+            nut_dir = self.nut_dir(name)
+            nut_dir.mkdir(parents=True, exist_ok=True)
+            for file_name, text in plan.nut_files().items():
+                (nut_dir / file_name).write_text(text)
+            (nut_dir / "upsd.users").chmod(0o600)
+            rack.services.update(plan.nut_services(nut_dir, rack_dir / "run"))
         self._power_on(state, rack)
 
     def _write_daemon_config(self, state: LabState, rack: RackState) -> None:
@@ -403,6 +438,7 @@ class Lab:
             replication_key=self.replication_key if self.replication_key.exists() else None,
             known_hosts=self.known_hosts,
             replication_user=_replication_login(),
+            power=plan.nut_power_config() if state.nut else None,
         )
         parse_config(data, f"lab config for {rack.name}")  # the schema is the contract
         self.config_path(rack.name).write_text(
@@ -800,6 +836,15 @@ class Lab:
             if pattern.match(ns):
                 procs.kill_netns_processes(ns)
                 netns.delete_netns(ns)
+
+
+def _check_nut() -> None:
+    missing = [p for p in (plan.NUT_DRIVER, plan.NUT_UPSD) if not Path(p).exists()]
+    if missing:
+        raise LabError(
+            f"a lab with UPSes needs {', '.join(missing)}: install the Debian package nut-server"
+            " (make bootstrap)"
+        )
 
 
 def _rank(service: str) -> tuple[int, str]:

@@ -223,9 +223,12 @@ def daemon_config(
     replication_key: Path | None = None,
     known_hosts: Path | None = None,
     replication_user: str = "root",
+    power: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The rack daemon's config as plain data (validated by meshcloud.config before writing)."""
     extra: dict[str, Any] = {}
+    if power is not None:
+        extra["power"] = power
     if replication_key is not None and known_hosts is not None:
         extra["replication"] = {
             "ssh_key": str(replication_key),
@@ -271,3 +274,69 @@ def expand_argv(template: Sequence[str], values: dict[str, str]) -> list[str]:
     if not template:
         raise InvalidInput("the daemon command is empty")
     return [_PLACEHOLDER_RE.sub(sub, part) for part in template]
+
+
+# -- power: a UPS per rack (NUT's dummy-ups driver and upsd, inside the rack) -----------
+
+NUT_UPS = "ups"
+NUT_ADDRESS = "127.0.0.1"  # upsd listens on the rack namespace's own loopback
+NUT_PORT = 3493
+NUT_DRIVER = "/lib/nut/dummy-ups"  # Debian's nut-server
+NUT_UPSD = "/lib/nut/upsd"  # the real upsd (/usr/sbin/upsd is a wrapper reading nut.conf)
+LAB_POWER_POLL_S = 1.0
+_UPS_FLAG_RE = re.compile(r"^[A-Z]{1,12}$")
+
+
+def ups_dev(status: str, charge_pct: float = 100.0, runtime_s: float = 3600.0) -> str:
+    """The dummy-ups ``.dev`` file for a UPS state, e.g. ``ups_dev("OB LB", 5, 120)``."""
+    flags = status.split()
+    if not flags or not all(_UPS_FLAG_RE.match(f) for f in flags):
+        raise InvalidInput(f"UPS status {status!r:.40} must be flags like OL, OB, LB, CHRG")
+    for key, value, high in (("charge_pct", charge_pct, 100.0), ("runtime_s", runtime_s, 1e7)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+            raise InvalidInput(f"UPS {key} ({value!r}) must be a number between 0 and {high:g}")
+    return (
+        f"ups.status: {' '.join(flags)}\n"
+        f"battery.charge: {charge_pct:g}\n"
+        f"battery.runtime: {runtime_s:g}\n"
+    )
+
+
+def nut_files() -> dict[str, str]:
+    """The rack's NUT config files (NUT_CONFPATH): one dummy UPS, upsd on loopback."""
+    return {
+        "ups.conf": (
+            "# written by meshcloud lab: the rack's UPS is NUT's dummy-ups driver reading\n"
+            "# ups.dev; `meshcloud lab ups` (Lab.set_ups) rewrites it\n"
+            f'[{NUT_UPS}]\n  driver = dummy-ups\n  port = ups.dev\n  desc = "lab UPS"\n'
+        ),
+        "upsd.conf": f"LISTEN {NUT_ADDRESS} {NUT_PORT}\nMAXAGE 15\n",
+        "upsd.users": "# nobody: the rack only reads variables\n",
+        "ups.dev": ups_dev("OL CHRG", 100.0, 3600.0),
+    }
+
+
+def nut_services(nut_dir: Path, run_dir: Path) -> dict[str, list[str]]:
+    """argv of the rack's UPS driver and upsd (foreground, as root, config from ``nut_dir``)."""
+    env = [
+        "/usr/bin/env",
+        f"NUT_CONFPATH={nut_dir}",
+        f"NUT_STATEPATH={run_dir}",
+        f"NUT_ALTPIDPATH={run_dir}",
+    ]
+    return {
+        "nut-driver": [*env, NUT_DRIVER, "-a", NUT_UPS, "-u", "root", "-F"],
+        "nut-upsd": [*env, NUT_UPSD, "-u", "root", "-F"],
+    }
+
+
+def nut_power_config(evacuate_below_s: float = 600.0) -> dict[str, Any]:
+    """The daemon's ``power`` section for a lab rack with a UPS."""
+    return {
+        "source": "nut",
+        "nut_host": NUT_ADDRESS,
+        "nut_port": NUT_PORT,
+        "nut_ups": NUT_UPS,
+        "poll_s": LAB_POWER_POLL_S,
+        "evacuate_below_s": evacuate_below_s,
+    }

@@ -68,6 +68,7 @@ class LabState:
     partition: list[list[str]] | None = None
     racks: dict[str, RackState] = field(default_factory=dict)
     version: int = STATE_VERSION
+    nut: bool = False  # every rack has a UPS: NUT's dummy-ups and upsd (docs/power.md)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
