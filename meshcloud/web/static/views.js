@@ -198,7 +198,38 @@ function replicaList(m) {
     r.gen === null ? t("gen_unknown") : r.lag === null ? t("gen", { gen: r.gen }) : t("gen_lag", { gen: r.gen, lag: r.lag }))));
 }
 
-const DISABLED_TIP = () => t("not_in_api");
+/** The assignment's planned move, in words (under way, done with its downtime, or abandoned). */
+function moveWords(mv) {
+  if (!mv) return null;
+  if (mv.phase === "done") return t("move_done_words", { source: mv.source, rack: mv.to, down: fmtSeconds(mv.downtime_s) });
+  if (mv.phase === "abandoned") return t("move_abandoned_words", { rack: mv.to, reason: mv.reason });
+  return t(`move_${mv.phase}_words`, { source: mv.source, rack: mv.to });
+}
+
+/** Start / stop / move for an operator: a planned move goes to a replica holder. */
+function applianceActions(m, ctx) {
+  const name = m.spec.name;
+  const a = m.a;
+  const stopped = !!a && a.state === "stopped";
+  const moving = !!(a && a.move && (a.move.phase === "handover" || a.move.phase === "synced"));
+  const holders = m.replicas.map((r) => r.rack);
+  const target = h("select", { "aria-label": t("move_to", { app: name }), "data-testid": "move-to", disabled: stopped || moving || !holders.length },
+    h("option", { value: "" }, t("move_best")),
+    holders.map((r) => h("option", { value: r }, r)));
+  return [
+    stopped
+      ? h("button", { "data-action": "start", onclick: () => ctx.act("POST", `/api/v1/appliances/${name}/start`, null, t("done_start", { app: name })) }, t("start"))
+      : h("button", { "data-action": "stop", disabled: !a, onclick: () => ctx.confirm(t("confirm_stop", { app: name })) && ctx.act("POST", `/api/v1/appliances/${name}/stop`, null, t("done_stop", { app: name })) }, t("stop")),
+    target,
+    h("button", {
+      "data-action": "move",
+      disabled: stopped || moving || !holders.length,
+      title: holders.length ? null : t("move_no_replica"),
+      onclick: () => ctx.confirm(t("confirm_move", { app: name, rack: target.value || t("move_best") })) &&
+        ctx.act("POST", `/api/v1/appliances/${name}/move`, target.value ? { to: target.value } : null, t("done_move", { app: name })),
+    }, t("move")),
+  ];
+}
 
 /** The newest event about appliance `name` (by its field, or naming it in the sentence). */
 export function latestAbout(events, name) {
@@ -231,11 +262,10 @@ export function appliancesView(state, ctx) {
         field(t("size"), `${m.spec.vcpus} vCPU, ${fmtMiB(m.spec.memory_mib)}`),
         field(t("image"), m.spec.image),
         field(t("epoch"), m.a ? String(m.a.epoch) : "—"),
+        m.a && m.a.move ? field(t("last_move"), h("span", { "data-testid": "move" }, moveWords(m.a.move))) : null,
       ),
       op ? h("div", { class: "actions" },
-        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("start")} — ${DISABLED_TIP()}` }, t("start")),
-        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("stop")} — ${DISABLED_TIP()}` }, t("stop")),
-        h("button", { disabled: true, title: DISABLED_TIP(), "aria-label": `${t("move")} — ${DISABLED_TIP()}` }, t("move")),
+        applianceActions(m, ctx),
         h("button", { onclick: () => ctx.edit(m.spec) }, t("edit")),
         h("button", { class: "danger", onclick: () => ctx.confirm(t("confirm_delete", { app: m.spec.name })) && ctx.act("DELETE", `/api/v1/appliances/${m.spec.name}`, null, t("done_delete", { app: m.spec.name })) }, t("delete"))) : null,
     ))),
