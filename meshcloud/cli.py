@@ -12,7 +12,24 @@ from meshcloud.core.errors import MeshcloudError
 
 
 class _Group(click.Group):
-    """A click group that prints MeshcloudError as one clear line and exits 1."""
+    """A click group that prints MeshcloudError as one clear line and exits 1.
+
+    The command groups that live next to their code (API client, lab, demo,
+    images) are attached on first lookup of a command defined elsewhere, so
+    that ``meshcloud daemon`` does not import the lab, the demo and the
+    image tools: five daemons starting at once on a small machine pay for
+    every import.
+    """
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and _register_subcommands():
+            found = super().get_command(ctx, cmd_name)
+        return found
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register_subcommands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -69,8 +86,15 @@ def daemon(config_path: Path, log_level: str) -> None:
     run_daemon(cfg)
 
 
-def _register_subcommands() -> None:
-    """Attach command groups that live next to the code they drive."""
+_registered = False
+
+
+def _register_subcommands() -> bool:
+    """Attach command groups that live next to the code they drive (once); True if it did."""
+    global _registered
+    if _registered:
+        return False
+    _registered = True
     from meshcloud.cli_api import COMMANDS
     from meshcloud.demo import demo
     from meshcloud.lab.cli import lab
@@ -84,9 +108,8 @@ def _register_subcommands() -> None:
 
     for command in IMAGE_COMMANDS:
         main.add_command(command)
+    return True
 
-
-_register_subcommands()
 
 if __name__ == "__main__":
     main()

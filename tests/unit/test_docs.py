@@ -65,10 +65,13 @@ def cli_commands(root: click.Command | None = None) -> list[str]:
     from meshcloud.cli import main
 
     found: list[str] = []
+    ctx = click.Context(main)
 
     def walk(cmd: click.Command, path: list[str]) -> None:
         if isinstance(cmd, click.Group):
-            for name, sub in sorted(cmd.commands.items()):
+            for name in cmd.list_commands(ctx):  # the public API: lazy groups load here
+                sub = cmd.get_command(ctx, name)
+                assert sub is not None, name
                 walk(sub, [*path, name])
         else:
             found.append(" ".join(path))
