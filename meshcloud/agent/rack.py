@@ -283,6 +283,7 @@ class RackAgent:
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._handovers: dict[str, asyncio.Task[None]] = {}
         self._handed_over: set[tuple[str, int]] = set()  # (appliance, epoch) synced here
+        self._runs: dict[str, int] = {}  # appliance -> starts and resumes done here (handovers)
         self.wall_clock: Callable[[], float] = time.time  # move downtimes (a hint across racks)
 
     # -- running -------------------------------------------------------------------
@@ -420,6 +421,7 @@ class RackAgent:
             elif isinstance(action, Pause):
                 await self.executor.async_pause(name)
             elif isinstance(action, Resume):
+                self._runs[name] = self._runs.get(name, 0) + 1
                 await self.executor.async_resume(name)
                 self.book.started(name, action.epoch)
             elif isinstance(action, ReportFailed):
@@ -486,9 +488,15 @@ class RackAgent:
             if info is not None and DomainState(str(info.state)) in ACTIVE:
                 await self.executor.async_pause(name)
             paused_at = self.wall_clock()
+            runs = self._runs.get(name, 0)
             t0 = self.clock()
             report = await self.engine.async_final_sync(name, epoch, (to,))
             sync_s = self.clock() - t0
+            if self._runs.get(name, 0) != runs:
+                # The move was abandoned meanwhile and the guest ran again here: this sync is
+                # stale and must never be reported (a new handover pauses and syncs afresh).
+                log.warning("%s ran again during its final sync to %s: not reporting it", name, to)
+                return
             command = {
                 "op": "move_synced", "appliance": name, "epoch": epoch, "rack": self.rack,
                 "generation": report.generation, "paused_at": paused_at,
@@ -571,6 +579,7 @@ class RackAgent:
         spec = snapshot.appliances.get(name)
         if spec is None:
             return f"not starting {name}: its spec is gone"
+        self._runs[name] = self._runs.get(name, 0) + 1
         try:
             await self.executor.async_start(spec, action.epoch, snapshot.cluster_id)
         except MeshcloudError as exc:

@@ -407,3 +407,40 @@ async def test_the_target_reports_the_downtime_once_the_guest_runs(world: World)
     move = s.state().assignments["a"].move
     assert move is not None and move.phase == "done" and move.downtime_s == 2.5
     assert any("down 2.50 s from the pause on r2" in m for _k, m, _a in world.events)
+
+
+class SlowSync(FinalSync):
+    """A final sync that finishes only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def async_final_sync(self, name: str, epoch: int, replicas: tuple[str, ...]) -> Any:
+        await self.release.wait()
+        return await super().async_final_sync(name, epoch, replicas)
+
+
+async def test_a_sync_that_outlives_its_abandoned_move_is_never_reported(world: World) -> None:
+    deploy_replicated(world)
+    sync = SlowSync()
+    world.agent.engine = sync  # type: ignore[assignment]
+    await world.agent.cycle()
+    begin = {"op": "move_begin", "appliance": "a", "epoch": 3, "to": "r2"}
+    world.store.apply_now(begin)
+    await world.agent.cycle()  # paused; the sync hangs
+    await wait_until(lambda: world.hv.domains["a"].state is HvState.PAUSED)
+    # the leader gives up meanwhile: the guest resumes here and writes again
+    world.store.apply_now({"op": "move_abandon", "appliance": "a", "epoch": 3, "reason": "slow"})
+    await world.agent.cycle()
+    assert world.hv.running() == {"a": 3}
+    world.store.apply_now(begin)  # a new attempt, same epoch, same target
+    await world.agent.cycle()
+    sync.release.set()  # the old sync ends now: stale, it must not report "synced"
+    await world.agent.settle()
+    assert world.store.state().assignments["a"].move.phase == "handover"  # type: ignore[union-attr]
+    await world.agent.cycle()  # the new attempt pauses again and syncs afresh
+    await world.agent.settle()
+    move = world.store.state().assignments["a"].move
+    assert move is not None and move.phase == "synced"
+    assert world.hv.domains["a"].state is HvState.PAUSED and len(sync.calls) == 2
