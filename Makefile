@@ -25,6 +25,7 @@ demo-down: bootstrap
 lint: bootstrap
 	$(VENV)/bin/ruff check meshcloud tests bench
 	$(VENV)/bin/ruff format --check meshcloud tests bench
+	cd ansible && ansible-lint -q
 
 typecheck: bootstrap
 	$(VENV)/bin/mypy

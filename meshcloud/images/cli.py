@@ -195,6 +195,43 @@ def image_build(out: Path | None, build_dir: Path | None, mirrors: tuple[str, ..
                f" {int(str(manifest['mapped_bytes'])) // 2**20} MiB mapped")  # fmt: skip
 
 
+@image.command("wheels")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="the tar file to write (replaced if it exists), e.g. build/meshcloud-wheels.tar")  # fmt: skip
+@click.option("--build-dir", type=click.Path(path_type=Path), default=None,
+              help="cache directory (default: build/rack-os in the repository)")  # fmt: skip
+def image_wheels(out: Path, build_dir: Path | None) -> None:
+    """One tar of the wheels of meshcloud and its dependencies, as the image installs them.
+
+    For ansible/ (docs/ansible.md): the same wheels give the same tar, byte for byte.
+    """
+    import os
+    import tarfile
+    import tempfile
+
+    from meshcloud.images.rackos import DEFAULT_BUILD_DIR, SOURCE_DATE_EPOCH, build_wheelhouse
+
+    cache = build_dir or DEFAULT_BUILD_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # pip and the wheel builder stamp every member with SOURCE_DATE_EPOCH when it is set.
+    os.environ["SOURCE_DATE_EPOCH"] = str(SOURCE_DATE_EPOCH)
+    with tempfile.TemporaryDirectory(prefix="wheels-", dir=cache) as tmp:
+        wheels = Path(tmp) / "wheels"
+        names = build_wheelhouse(wheels, cache, lambda line: click.echo(line))
+        partial = out.with_name(out.name + ".partial")
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name in names:
+                info = tar.gettarinfo(wheels / name, arcname=name)
+                info.mtime, info.mode = SOURCE_DATE_EPOCH, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                with open(wheels / name, "rb") as f:
+                    tar.addfile(info, f)
+        os.replace(partial, out)
+    click.echo(f"{len(names)} wheels in {out}")
+
+
 @image.command("show")
 @click.argument("path", type=click.Path(path_type=Path))
 def image_show(path: Path) -> None:
