@@ -591,6 +591,12 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         if journal_path is not None:
             self._install_journal(journal_path)
 
+    def stand_at_once(self) -> None:
+        """Stand for election at the first tick (before ``start()``): for a lone founder only."""
+        if self._SyncObj__otherNodes:
+            raise RuntimeError("stand_at_once is for a group of one voter")
+        self._SyncObj__raftElectionDeadline = 0.0
+
     # -- private library state, by name ---------------------------------------------------
     @property
     def _log(self) -> Any:

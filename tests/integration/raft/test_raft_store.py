@@ -9,12 +9,17 @@ racks reconcile Raft membership to it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from raftcluster import LoopbackFirewall, RaftCluster, RaftNode, wait_until
 
 from meshcloud import clock
+from meshcloud.core.models import Capacity, Rack
+from meshcloud.raft.syncobj_store import RaftSettings, SyncObjStore
+from meshcloud.replication.testbed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -226,3 +231,30 @@ async def test_lease_renewals_are_stamped_by_the_leader(
     # stamped on the clock the leader's lease keeper reads (CLOCK_BOOTTIME; same host here)
     assert lease["leader"] == leader.name and before <= lease["received_at"] <= after
     assert lease["term"] == (await leader.status())["term"]
+
+
+async def test_a_founder_leads_at_once_not_after_an_election_timeout(tmp_path: Path) -> None:
+    """A new cluster's only voter stands at its first tick: joiners do not wait on it."""
+    port = free_port()
+    rack = Rack("r1", "a", Capacity(4, 4096, 100), address="127.0.0.1", raft_port=port)
+    settings = RaftSettings(
+        rack=rack,
+        state_dir=tmp_path,
+        secret="f" * 40,
+        found=True,
+        raft_min_timeout_s=20.0,  # far longer than the bound below
+        raft_max_timeout_s=25.0,
+        connection_timeout_s=25.0,  # pysyncobj wants it at least the longest election timeout
+    )
+    store = SyncObjStore(settings)
+    started = time.monotonic()
+    await store.start()
+    try:
+        await wait_until(lambda: _leads(store), 10.0, "the founder to lead")
+        assert time.monotonic() - started < settings.raft_min_timeout_s
+    finally:
+        await store.stop()
+
+
+async def _leads(store: SyncObjStore) -> bool:
+    return store.status().leader == "r1"
