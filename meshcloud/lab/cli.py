@@ -46,6 +46,7 @@ def lab(ctx: click.Context, name: str, root: Path | None) -> None:
               help="racks that form the cluster (default: the daemons started now)")  # fmt: skip
 @click.option("--no-wait", is_flag=True, help="do not wait for the daemons' API ports")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--nut", is_flag=True, help="give every rack a UPS (NUT dummy-ups and upsd)")
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -59,6 +60,7 @@ def up(
     bootstrap_expect: int | None,
     no_wait: bool,
     timeout: float,
+    nut: bool,
 ) -> None:
     """Create the lab: a bridge namespace and RACKS racks with sshd and a daemon each."""
     the_lab = _lab(ctx)
@@ -75,6 +77,7 @@ def up(
         bootstrap_expect=bootstrap_expect,
         wait=not no_wait,
         timeout=timeout,
+        nut=nut,
     )
     _print_status(the_lab.status())
 
@@ -127,6 +130,19 @@ def restart(ctx: click.Context, rack: str, no_wait: bool) -> None:
     """Power comes back on RACK: network, sshd and daemon again, same state dir."""
     _lab(ctx).restart(rack, wait=not no_wait)
     click.echo(f"{rack}: powered on")
+
+
+@lab.command()
+@click.argument("rack")
+@click.argument("status")
+@click.option("--charge", type=float, default=100.0, show_default=True, help="battery.charge, %")
+@click.option("--runtime", type=float, default=3600.0, show_default=True,
+              help="battery.runtime, seconds")  # fmt: skip
+@click.pass_context
+def ups(ctx: click.Context, rack: str, status: str, charge: float, runtime: float) -> None:
+    """Set what RACK's UPS reports: STATUS flags such as "OL CHRG", "OB DISCHRG", "OB LB"."""
+    _lab(ctx).set_ups(rack, status, charge, runtime)
+    click.echo(f"{rack}: UPS reports {status} (charge {charge:g} %, runtime {runtime:g} s)")
 
 
 @lab.command()

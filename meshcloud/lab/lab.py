@@ -193,6 +193,8 @@ class Lab:
         re-reads it when it changes (within its poll interval, 2 s).
         """
         plan.rack_index(rack)
+        with locked(self.root, self.name):
+            self._rack(self._state(), rack)  # the lab and the rack exist
         path = self.nut_dir(rack) / "ups.dev"
         if not path.exists():
             raise LabError(f"rack {rack} has no UPS: start the lab with nut=True (--nut)")
