@@ -96,12 +96,17 @@ class MdnsAgent:
                 " list cluster.peers"
             ) from exc
         info = self._service_info(ann)
-        # Browse first: registering waits for mDNS probing (about a second), and peers
-        # can be found and admitted meanwhile.
+        # Browse first, so that peers can be found and admitted meanwhile.
         self._browser = AsyncServiceBrowser(
             self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_service_state_change]
         )
-        await self._aiozc.async_register_service(info, allow_name_change=True)
+        # No uniqueness probing (RFC 6762 section 8.1: about a second before a rack can
+        # be seen): the instance name is the rack's name and cluster id, and a name is
+        # never trusted anyway (admission proves who answers). Two racks configured with
+        # one name both announce; admission reports the clash (409, same name).
+        await self._aiozc.async_register_service(
+            info, allow_name_change=True, cooperating_responders=True
+        )
         self._info = info
         if info.name != ann.instance_name():
             log.warning(
