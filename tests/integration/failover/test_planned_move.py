@@ -14,6 +14,10 @@ value: an acknowledged write) as fast as it answers:
    assignment's ``move`` record) and in the target's events;
 2. its new rack is drained: the drain goes through the same path (the
    leader begins the move; the record says why), with the same guarantee;
+3. a move to a rack that is cut off from the others as it begins: the final
+   sync cannot reach it, the move is abandoned (the record and an event say
+   why) and the appliance resumes on its rack under the same epoch, counting
+   on from where it was;
 
 and at no moment does the appliance run on two racks.
 """
@@ -198,6 +202,55 @@ def test_a_planned_move_and_a_drain_lose_no_acknowledged_write(
         assert doc is not None
         leader_events = [e["message"] for e in api.cluster(doc["leader"])["events"]]
         assert any(f"handing app1 over from {before['primary']}" in m for m in leader_events)
+        _abandoned_move(lab, api, checker, wait_for, drained=before["primary"])
         checker.assert_ok()
     finally:
         checker.stop()
+
+
+def _abandoned_move(
+    lab: Lab, api: LabApi, checker: InvariantChecker, wait_for: WaitFor, drained: str
+) -> None:
+    before = assignment(api, lab, "app1")
+    assert before is not None and before["primary"]
+    source = before["primary"]
+    target = next(r for r in lab.racks() if r not in (source, drained))
+    wait_for(
+        lambda: (a := assignment(api, lab, "app1")) and target in a["replicas"],
+        PLACE_TIMEOUT_S,
+        f"{target} to hold a replica of app1",
+    )
+    with CounterProbe(lab, source) as probe:
+        wait_for(lambda: len(probe.answers) >= 3, BOOT_TIMEOUT_S, "the probe's first answers")
+        lab.partition(target)
+        try:
+            api.request(source, "POST", "/api/v1/appliances/app1/move", {"to": target})
+            after = wait_for(
+                lambda: (
+                    (a := assignment(api, lab, "app1"))
+                    and (a.get("move") or {}).get("phase") == "abandoned"
+                    and a
+                ),
+                MOVE_TIMEOUT_S,
+                "the move to the cut-off rack to be abandoned",
+            )
+            acked = max(v for _t, v in probe.answers)
+            value = wait_for(
+                lambda: (v := counter(lab, source, IP)) is not None and v > acked and v,
+                BOOT_TIMEOUT_S,
+                f"app1 to count on on {source}",
+            )
+        finally:
+            lab.heal()
+    assert after["primary"] == source and after["epoch"] == before["epoch"]
+    assert after["move"]["reason"].endswith(f"app1 resumes on {source}"), after["move"]
+    assert set(checker.running_on("app1")) == {source}
+    said = [
+        e["message"]
+        for rack in {source, api.cluster(source)["leader"] or source}
+        for e in api.cluster(rack)["events"]
+    ]
+    assert any("abandon" in m and "app1" in m for m in said), said
+    print(
+        f"app1: move to cut-off {target} abandoned ({after['move']['reason']}); {value} on {source}"
+    )
