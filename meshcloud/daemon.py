@@ -9,17 +9,14 @@ import os
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
-from meshcloud.agent.divergence import DivergenceKeeper
 from meshcloud.agent.fencing import LoopLag, RackHooks, WatchdogGate
 from meshcloud.agent.lease import LeaseKeeper
-from meshcloud.agent.replication_wiring import ReplicationWiring
-from meshcloud.agent.runtime import run_appliance_loops
 from meshcloud.agent.watchdog import Watchdog, make_watchdog
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
@@ -31,6 +28,9 @@ from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.auth import api_token
 from meshcloud.web.tls import tls_context
 from meshcloud.web.users import UserStore
+
+if TYPE_CHECKING:
+    from meshcloud.agent.replication_wiring import ReplicationWiring
 
 log = logging.getLogger("meshcloud.daemon")
 
@@ -98,6 +98,11 @@ class Daemon:
 
     async def _join_cluster(self) -> None:
         store = await self.membership.establish()
+        # Imported once the rack is in the cluster: replication and the hypervisor are
+        # not needed to form it, and racks starting together share the CPU.
+        from meshcloud.agent.replication_wiring import ReplicationWiring
+        from meshcloud.agent.runtime import run_appliance_loops
+
         self.store = store
         t = self.cfg.timers
         self.lease = LeaseKeeper(
@@ -145,6 +150,8 @@ class Daemon:
 
     def _hypervisor_ready(self, hv: Any) -> None:
         """The agent opened the hypervisor: live replication, and the divergence keeper."""
+        from meshcloud.agent.divergence import DivergenceKeeper
+
         wiring, store, lease = self.wiring, self.store, self.lease
         assert wiring is not None and store is not None and lease is not None
         wiring.attach_hypervisor(hv)
