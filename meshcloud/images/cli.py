@@ -206,16 +206,33 @@ def image_wheels(out: Path, build_dir: Path | None) -> None:
     For ansible/ (docs/ansible.md): the same wheels give the same tar, byte for byte.
     """
     import os
-    import tarfile
-    import tempfile
 
-    from meshcloud.images.rackos import DEFAULT_BUILD_DIR, SOURCE_DATE_EPOCH, build_wheelhouse
+    from meshcloud.images.rackos import DEFAULT_BUILD_DIR, SOURCE_DATE_EPOCH
 
     cache = build_dir or DEFAULT_BUILD_DIR
     cache.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     # pip and the wheel builder stamp every member with SOURCE_DATE_EPOCH when it is set.
+    saved_epoch = os.environ.get("SOURCE_DATE_EPOCH")
     os.environ["SOURCE_DATE_EPOCH"] = str(SOURCE_DATE_EPOCH)
+    try:
+        names = _write_wheel_tar(out, cache)
+    finally:
+        if saved_epoch is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = saved_epoch
+    click.echo(f"{len(names)} wheels in {out}")
+
+
+def _write_wheel_tar(out: Path, cache: Path) -> list[str]:
+    """Build the wheels, write them to ``out`` as one tar (fixed times and owners); their names."""
+    import os
+    import tarfile
+    import tempfile
+
+    from meshcloud.images.rackos import SOURCE_DATE_EPOCH, build_wheelhouse
+
     with tempfile.TemporaryDirectory(prefix="wheels-", dir=cache) as tmp:
         wheels = Path(tmp) / "wheels"
         names = build_wheelhouse(wheels, cache, lambda line: click.echo(line))
@@ -229,7 +246,7 @@ def image_wheels(out: Path, build_dir: Path | None) -> None:
                 with open(wheels / name, "rb") as f:
                     tar.addfile(info, f)
         os.replace(partial, out)
-    click.echo(f"{len(names)} wheels in {out}")
+    return names
 
 
 @image.command("show")
