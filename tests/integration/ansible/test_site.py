@@ -123,7 +123,18 @@ def test_site_yml_makes_a_rack_and_a_second_run_changes_nothing(
     etc = debian_root / "etc" / "meshcloud"
     installed = yaml.safe_load((etc / "daemon.yaml").read_text())
     from_kit = yaml.safe_load((kit.directory / "racks" / "rack-1" / "daemon.yaml").read_text())
-    assert installed == {**from_kit, "replication": {"bwlimit_kbps": 2000}}
+    assert installed == {
+        **from_kit,
+        "replication": {
+            "ssh_key": "/etc/meshcloud/ssh/replication_ed25519",
+            "known_hosts": "/etc/meshcloud/ssh/known_hosts",
+            "bwlimit_kbps": 2000,
+        },
+    }
+    # Replication: the rack's own host key pinned at its mesh address.
+    host_key = (debian_root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known_hosts = (etc / "ssh" / "known_hosts").read_text()
+    assert f"10.44.0.11 {' '.join(host_key)}\n" in known_hosts
     for name, source, mode in [
         ("cluster-secret", "cluster-secret", 0o600),
         ("tls/ca.crt", "ca/ca.crt", 0o644),
