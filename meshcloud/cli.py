@@ -133,6 +133,9 @@ def _register_subcommands() -> bool:
     main.add_command(lab)
     for command in COMMANDS:
         main.add_command(command)
+    from meshcloud.cli_drill import drill
+
+    main.add_command(drill)
 
     from meshcloud.images.cli import COMMANDS as IMAGE_COMMANDS
 

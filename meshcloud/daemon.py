@@ -30,6 +30,7 @@ from meshcloud.web.tls import tls_context
 from meshcloud.web.users import UserStore
 
 if TYPE_CHECKING:
+    from meshcloud.agent.drill import DrillWatcher
     from meshcloud.agent.replication_wiring import ReplicationWiring
 
 log = logging.getLogger("meshcloud.daemon")
@@ -63,6 +64,7 @@ class Daemon:
         self.watchdog: Watchdog = make_watchdog(w.mode, w.socket, w.device)
         self.gate = WatchdogGate(self.watchdog, self._lease_expiry)
         self.wiring: ReplicationWiring | None = None
+        self.drill: DrillWatcher | None = None
 
     def status(self) -> dict[str, Any]:
         """What /api/v1/health adds: formation progress and the store's view (hints)."""
@@ -119,7 +121,13 @@ class Daemon:
         self.control.attach_replication(self.wiring)
         self._spawn(self.wiring.report_loop(), "replica-reports")
         self._spawn(self._power_reporter(store).run(), "power")
-        hooks = RackHooks(self.gate, self.lease.fence_in, self.wiring.lease_seen)
+        drill = self._drills(store)
+        wiring = self.wiring
+        hooks = RackHooks(
+            self.gate,
+            self.lease.fence_in,
+            lambda held: wiring.lease_seen(held and not drill.holding()),
+        )
         self._spawn(
             run_appliance_loops(
                 self.cfg,
@@ -135,6 +143,32 @@ class Daemon:
         cluster_uuid = self.discovery.status.cluster_uuid
         log.info("rack %s is in cluster %s", self.cfg.rack.name, cluster_uuid)
         await self.membership.publish_loop(store)
+
+    def _drills(self, store: PlacementStore) -> DrillWatcher:
+        """This rack's part in fire drills, and the runner its API starts (docs/drill.md)."""
+        from meshcloud.agent.drill import DrillRunner, DrillWatcher
+
+        wiring, lease = self.wiring, self.lease
+        assert wiring is not None and lease is not None
+        watcher = DrillWatcher(
+            self.cfg.rack.name,
+            store,
+            on_cut=lambda: wiring.lease_seen(False),
+            lags=wiring.lags,
+            on_event=self.control.add_event,
+        )
+        lease.hold = watcher.holding
+        self.drill = watcher
+        self.control.drills = DrillRunner(
+            self.cfg.rack.name,
+            store,
+            lease.timers,
+            leader_alive=lease.alive,
+            move=self.control.move_appliance,
+            on_event=self.control.add_event,
+        )
+        self._spawn(watcher.run(), "drill")
+        return watcher
 
     def _power_reporter(self, store: PlacementStore) -> PowerReporter:
         """Publishes the rack's power state (UPS or mains) through the map (docs/power.md)."""
@@ -155,6 +189,8 @@ class Daemon:
         wiring, store, lease = self.wiring, self.store, self.lease
         assert wiring is not None and store is not None and lease is not None
         wiring.attach_hypervisor(hv)
+        if self.drill is not None:
+            self.drill.hv = hv
         keeper = DivergenceKeeper(
             self.cfg.rack.name,
             wiring.volumes,

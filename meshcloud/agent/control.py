@@ -31,6 +31,7 @@ class StoreControl:
         self._watcher: asyncio.Task[None] | None = None
         self.replication: Any = None  # the daemon's ReplicationWiring, once it runs
         self.loop_lag: Any = None  # the daemon's LoopLag monitor
+        self.drills: Any = None  # the daemon's DrillRunner (meshcloud.agent.drill)
 
     def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
@@ -124,6 +125,30 @@ class StoreControl:
             raise NotFound(f"rack {rack} has no diverged copy {ident}")
         await store.propose({"op": "diverged_discard", "rack": rack, "id": ident})
         return store.state().diverged[f"{rack}/{ident}"].to_dict()
+
+    # -- the fire drill (meshcloud.agent.drill, docs/drill.md) ---------------------------
+
+    def _drills(self) -> Any:
+        if self.drills is None:
+            raise Unavailable(f"this rack has not joined a cluster yet: {self.formation_reason()}")
+        return self.drills
+
+    async def start_drill(self, appliance: str | None, restore: bool) -> dict[str, Any]:
+        """Check and begin a drill run from this rack; its report so far."""
+        report: dict[str, Any] = await self._drills().start(appliance, restore)
+        return report
+
+    def drill_status(self, ident: str | None) -> dict[str, Any]:
+        """The map's drill and this rack's run ``ident`` (None: its latest)."""
+        if self.drills is None:
+            return {"current": None, "report": None}
+        status: dict[str, Any] = self.drills.status(ident)
+        return status
+
+    async def end_drill(self) -> dict[str, Any]:
+        """End the map's drill (its cut rack renews again)."""
+        ended: dict[str, Any] = await self._drills().end()
+        return ended
 
     def metrics_text(self) -> str:
         """Prometheus text: leases, this rack's replication, kept-aside copies."""

@@ -48,6 +48,9 @@ class LeaseKeeper:
         self.started_at = now()
         self.leadership: Leadership | None = None
         self.on_extended = on_extended
+        # A fire drill's cut (meshcloud.agent.drill): while it returns True no renewal is sent,
+        # exactly as if the rack were cut off; the lease then runs out the usual way.
+        self.hold: Callable[[], bool] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._held_before = False
         # what /metrics shows: how long renewals take to commit, how often the lease lapsed
@@ -118,7 +121,8 @@ class LeaseKeeper:
         """Send a renewal every ``renew_s``; renewals overlap rather than queue."""
         try:
             while True:
-                if len(self._in_flight) < MAX_RENEWALS_IN_FLIGHT:
+                held_back = self.hold is not None and self.hold()
+                if not held_back and len(self._in_flight) < MAX_RENEWALS_IN_FLIGHT:
                     task = asyncio.create_task(self._renew_once(), name="lease-renew")
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)

@@ -40,6 +40,10 @@ move_synced        appliance, epoch, rack, generation, paused_at: the primary
 move_switch        appliance, epoch: the map runs it on ``to`` under epoch + 1
 move_done          appliance, epoch, rack, downtime_s: it runs on ``to``
 move_abandon       appliance, epoch, reason: the move is given up; it stays
+drill_begin        drill: a fire drill's record (meshcloud.core.drill.Drill);
+                   refused while another drill is under way (docs/drill.md)
+drill_update       id, [fenced, lag_at_cut_s, running_on, running_epoch]
+drill_end          id: the drill is over (nothing changes if it is not current)
 =================  ==========================================================
 
 Planned moves (docs/failover.md#planned-moves) live in the assignment's
@@ -69,6 +73,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from meshcloud.core.drill import Drill
 from meshcloud.core.errors import Conflict, InvalidInput, MeshcloudError, NotFound
 from meshcloud.core.models import (
     ApplianceSpec,
@@ -209,6 +214,7 @@ class PlacementState:
     diverged: Mapping[str, DivergedCopy] = field(default_factory=_frozen)  # "rack/id" -> copy
     stopped: frozenset[str] = frozenset()  # appliances an operator stopped
     power: Mapping[str, RackPower] = field(default_factory=_frozen)  # rack -> its last report
+    drill: Drill | None = None  # the fire drill under way (docs/drill.md)
 
     def snapshot(self) -> ClusterSnapshot:
         """The immutable view the control loops read (see meshcloud.core.models)."""
@@ -243,6 +249,7 @@ class PlacementState:
             "diverged": {k: v.to_dict() for k, v in sorted(self.diverged.items())},
             "stopped": sorted(self.stopped),
             "power": {k: v.to_dict() for k, v in sorted(self.power.items())},
+            "drill": None if self.drill is None else self.drill.to_dict(),
         }
 
     @classmethod
@@ -267,6 +274,7 @@ class PlacementState:
             ),
             stopped=frozenset(data.get("stopped", ())),
             power=_frozen({k: RackPower.from_dict(v) for k, v in data.get("power", {}).items()}),
+            drill=Drill.from_dict(data["drill"]) if data.get("drill") else None,
         )
 
 
@@ -382,6 +390,9 @@ _FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "move_switch": ({"appliance", "epoch"}, set()),
     "move_done": ({"appliance", "epoch", "rack", "downtime_s"}, set()),
     "move_abandon": ({"appliance", "epoch", "reason"}, set()),
+    "drill_begin": ({"drill"}, set()),
+    "drill_update": ({"id"}, {"fenced", "lag_at_cut_s", "running_on", "running_epoch"}),
+    "drill_end": ({"id"}, set()),
 }
 OPS = tuple(sorted(_FIELDS))
 
@@ -517,6 +528,13 @@ def _check_move(c: Mapping[str, Any]) -> None:
         raise InvalidInput(f"{op}: reason must be a string of at most {MAX_DIVERGED_REASON_LEN}")
 
 
+def _check_drill(c: Mapping[str, Any]) -> None:
+    if "drill" in c:
+        Drill.from_dict(_mapping(str(c["op"]), "drill", c["drill"]))
+    if "id" in c:
+        validate_name("drill", c["id"])
+
+
 _CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "cluster_init": _check_init,
     "rack_join": _check_rack,
@@ -537,6 +555,9 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "move_switch": _check_move,
     "move_done": _check_move,
     "move_abandon": _check_move,
+    "drill_begin": _check_drill,
+    "drill_update": _check_drill,
+    "drill_end": _check_drill,
 }
 
 
@@ -820,6 +841,35 @@ def _op_append(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState,
     return new, {"ok": True, "changed": True, "index": len(old)}
 
 
+def _op_drill_begin(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    drill = Drill.from_dict(c["drill"])
+    if s.drill is not None:
+        if s.drill == drill:
+            return s, {"ok": True, "changed": False}
+        raise Conflict(f"drill {s.drill.id} is under way (run by {s.drill.by}): one at a time")
+    if drill.rack not in s.racks or drill.by not in s.racks:
+        raise NotFound(f"drill {drill.id}: rack {drill.rack} or {drill.by} is not a member")
+    if drill.appliance not in s.appliances:
+        raise NotFound(f"drill {drill.id}: appliance {drill.appliance} does not exist")
+    return replace(s, drill=drill), {"ok": True, "changed": True}
+
+
+def _op_drill_update(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    if s.drill is None or s.drill.id != c["id"]:
+        raise Conflict(f"drill {c['id']} is not under way")
+    fields = {k: c[k] for k in ("fenced", "lag_at_cut_s", "running_on", "running_epoch") if k in c}
+    new = Drill.from_dict(s.drill.to_dict() | fields)
+    if new == s.drill:
+        return s, {"ok": True, "changed": False}
+    return replace(s, drill=new), {"ok": True, "changed": True}
+
+
+def _op_drill_end(s: PlacementState, c: Mapping[str, Any]) -> tuple[PlacementState, Result]:
+    if s.drill is None or s.drill.id != c["id"]:
+        return s, {"ok": True, "changed": False}
+    return replace(s, drill=None), {"ok": True, "changed": True}
+
+
 _OPS: dict[str, Callable[[PlacementState, Mapping[str, Any]], tuple[PlacementState, Result]]] = {
     "cluster_init": _op_init,
     "rack_join": _op_rack_join,
@@ -840,6 +890,9 @@ _OPS: dict[str, Callable[[PlacementState, Mapping[str, Any]], tuple[PlacementSta
     "move_switch": _op_move_switch,
     "move_done": _op_move_done,
     "move_abandon": _op_move_abandon,
+    "drill_begin": _op_drill_begin,
+    "drill_update": _op_drill_update,
+    "drill_end": _op_drill_end,
 }
 
 _ERROR_KINDS: tuple[tuple[type[MeshcloudError], str], ...] = (

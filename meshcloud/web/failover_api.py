@@ -9,7 +9,11 @@ Routes are wired in routes.py (:func:`meshcloud.web.routes.add_failover_routes`)
   owning rack deletes it when it next runs (202: the request is recorded);
 - ``GET /api/v1/replication``: this rack's replication engine (shipping,
   fenced, each replica's lag) and the generations the map holds;
-- ``GET /metrics``: Prometheus text (public, like ``/api/v1/health``).
+- ``GET /metrics``: Prometheus text (public, like ``/api/v1/health``);
+- ``POST /api/v1/drill``: begin a fire drill (docs/drill.md) run by this
+  rack, ``{"appliance": NAME or null, "restore": true}`` (202 with the
+  report so far); ``GET /api/v1/drill[?id=ID]``: the map's drill and this
+  rack's run with its report; ``DELETE /api/v1/drill``: end the map's drill.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ class FailoverView(Protocol):
 
     def metrics_text(self) -> str:
         """Prometheus text lines."""
+
+    async def start_drill(self, appliance: str | None, restore: bool) -> dict[str, Any]:
+        """Check (Conflict/NotFound when unsafe) and begin a drill; its report so far."""
+
+    def drill_status(self, ident: str | None) -> dict[str, Any]:
+        """``{"current": the map's drill, "report": this rack's run}``."""
+
+    async def end_drill(self) -> dict[str, Any]:
+        """End the map's drill (Conflict when none)."""
 
 
 FAILOVER = web.AppKey("failover", FailoverView)
@@ -67,3 +80,33 @@ async def get_replication(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     text = request.app[FAILOVER].metrics_text()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def start_drill(request: web.Request) -> web.Response:
+    from meshcloud.core.errors import InvalidInput
+    from meshcloud.web.validation import read_json
+
+    appliance, restore = None, True
+    if request.can_read_body:
+        body = await read_json(request, "DrillRequest")
+        unknown = set(body) - {"appliance", "restore"}
+        if unknown:
+            raise InvalidInput(f"drill: unknown field(s) {', '.join(sorted(unknown))[:80]}")
+        if body.get("appliance") is not None:
+            appliance = validate_name("appliance", body["appliance"])
+        restore = body.get("restore", True)
+        if not isinstance(restore, bool):
+            raise InvalidInput("drill: restore must be true or false")
+    report = await request.app[FAILOVER].start_drill(appliance, restore)
+    return web.json_response({"drill": report}, status=202)
+
+
+async def get_drill(request: web.Request) -> web.Response:
+    ident = request.query.get("id")
+    if ident is not None:
+        validate_name("drill", ident)
+    return web.json_response(request.app[FAILOVER].drill_status(ident))
+
+
+async def end_drill(request: web.Request) -> web.Response:
+    return web.json_response({"ended": await request.app[FAILOVER].end_drill()})

@@ -46,3 +46,6 @@ def add_failover_routes(app: web.Application) -> None:
     r.add_delete("/api/v1/diverged/{rack}/{id}", failover_api.discard_diverged)
     r.add_get("/api/v1/replication", failover_api.get_replication)
     r.add_get("/metrics", failover_api.metrics)
+    r.add_post("/api/v1/drill", failover_api.start_drill)
+    r.add_get("/api/v1/drill", failover_api.get_drill)
+    r.add_delete("/api/v1/drill", failover_api.end_drill)

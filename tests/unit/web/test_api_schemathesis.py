@@ -54,6 +54,25 @@ class MemoryFailover:
     def metrics_text(self) -> str:
         return "meshcloud_diverged_copies 1\n"
 
+    async def start_drill(self, appliance: str | None, restore: bool) -> dict[str, Any]:
+        if appliance not in (None, "voip"):
+            raise NotFound(f"appliance {appliance} does not exist")
+        return {
+            "id": "drill-1",
+            "appliance": "voip",
+            "rack": "rack-1",
+            "outcome": None,
+            "steps": [],
+        }
+
+    def drill_status(self, ident: str | None) -> dict[str, Any]:
+        return {"current": None, "report": None}
+
+    async def end_drill(self) -> dict[str, Any]:
+        from meshcloud.core.errors import Conflict
+
+        raise Conflict("no drill is under way")
+
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
