@@ -12,7 +12,7 @@ No I/O, no clock: times are arguments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -321,9 +321,3 @@ def report_text(report: Mapping[str, Any]) -> str:
 
 def step(at_s: float | None, message: str) -> dict[str, Any]:
     return {"at_s": _r(at_s), "message": message}
-
-
-def expected_consistent(measured: Sequence[float], expected: Sequence[float]) -> bool:
-    """Whether a measured detection lies in the expected window (with 1 s for the drill's polling)."""
-    low, high = expected
-    return all(low - 1.0 <= m <= high + 1.0 for m in measured)
