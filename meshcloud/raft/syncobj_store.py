@@ -26,7 +26,6 @@ import logging
 import os
 import pickle
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -444,15 +443,13 @@ class SyncObjStore(PlacementStore):
     # -- reconciling Raft membership with the map ------------------------------------------
     async def _reconcile_loop(self) -> None:
         while True:
-            busy = False
             try:
-                busy = await self._reconcile_once()
+                await self._reconcile_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("raft: reconcile failed; retrying")
-            if not busy:  # after a membership change, look again at once (racks join in turn)
-                await asyncio.sleep(self.settings.reconcile_period_s)
+            await asyncio.sleep(self.settings.reconcile_period_s)
 
     async def _try(self, command: Mapping[str, Any]) -> None:
         try:
@@ -460,11 +457,10 @@ class SyncObjStore(PlacementStore):
         except Exception as exc:  # retried on the next round
             log.debug("raft: %s not done yet: %s", command.get("op"), exc)
 
-    async def _reconcile_once(self) -> bool:
-        """One step towards the membership the map names; True after a membership change."""
+    async def _reconcile_once(self) -> None:
         view, state, s = self._view, self._published, self.settings
         if view is None or self._node is None:
-            return False
+            return
         name = s.rack.name
         if not state.cluster_id:
             if s.found and self._role == "voter" and view["is_leader"]:
@@ -472,29 +468,28 @@ class SyncObjStore(PlacementStore):
                     {"op": "cluster_init", "cluster_id": s.cluster_id or name,
                      "max_voters": s.max_voters, "voters": [name]}
                 )  # fmt: skip
-            return False
+            return
         current = state.racks.get(name)
         # drained is the operators' to set (API drain/undrain): a rejoin keeps it
         wanted = s.rack if current is None else replace(s.rack, drained=current.drained)
         if current != wanted:
             await self._try({"op": "rack_join", "rack": wanted.to_dict()})
-            return False
+            return
         wanted_voter = name in state.voters
         if self._role == "follower" and wanted_voter:
             log.info("raft: the map names rack %s a voter: restarting as a voter", name)
             await self._convert("voter", view)
-            return False
+            return
         if self._role == "voter" and not wanted_voter:
             log.info(
                 "raft: the map no longer names rack %s a voter: restarting as a follower", name
             )
             await self._convert("follower", view)
-            return False
+            return
         if sorted(view["voters"]) != self._saved_peers:
             await asyncio.to_thread(self._remember_peers, view)
         if self._role == "voter" and view["is_leader"] and not self._membership_busy:
-            return await self._reconcile_voters(view, state)
-        return False
+            await self._reconcile_voters(view, state)
 
     def _remember_peers(self, view: Mapping[str, Any]) -> None:
         peers = sorted(view["voters"])
@@ -502,7 +497,7 @@ class SyncObjStore(PlacementStore):
             self._write_role(self._role, peers)
             self._saved_peers = peers
 
-    async def _reconcile_voters(self, view: Mapping[str, Any], state: PlacementState) -> bool:
+    async def _reconcile_voters(self, view: Mapping[str, Any], state: PlacementState) -> None:
         me = self.settings.address
         desired = {
             f"{r.address}:{r.raft_port}"
@@ -513,22 +508,13 @@ class SyncObjStore(PlacementStore):
         to_add = sorted(desired - actual)
         to_remove = sorted(actual - desired - {me})
         if not to_add and not to_remove:
-            return False
+            return
         self._membership_busy = True
         try:
-            adding = bool(to_add)
-            address = to_add[0] if adding else to_remove[0]
-            if not await self._membership("add" if adding else "remove", address):
-                return False
-            # The tick thread publishes the new view right after the change: wait for it
-            # (briefly), so that the next look does not repeat the change.
-            deadline = time.monotonic() + self.settings.reconcile_period_s
-            while time.monotonic() < deadline:
-                current = self._view or {}
-                if (address in current.get("voters", ())) == adding:
-                    break
-                await asyncio.sleep(0.01)
-            return True
+            if to_add:
+                await self._membership("add", to_add[0])
+            else:
+                await self._membership("remove", to_remove[0])
         finally:
             self._membership_busy = False
 
