@@ -118,6 +118,7 @@ class Daemon:
         self.wiring = ReplicationWiring(self.cfg, store, self.control.add_event)
         await self.wiring.async_start()
         self.control.attach(store, self.lease)
+        self._spawn(self.control.follow_leader(api_token(self.secret)), "leader-view")
         self.control.attach_replication(self.wiring)
         self._spawn(self.wiring.report_loop(), "replica-reports")
         self._spawn(self._power_reporter(store).run(), "power")

@@ -17,6 +17,8 @@ from meshcloud.core.state import PlacementState
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.sse import Broadcaster
 
+LEADER_VIEW_TTL_S = 3.0  # older than this, the leader's judgement is not shown
+
 
 class StoreControl:
     """Implements ClusterControl once the store runs; until then reads say why they cannot."""
@@ -32,6 +34,8 @@ class StoreControl:
         self.replication: Any = None  # the daemon's ReplicationWiring, once it runs
         self.loop_lag: Any = None  # the daemon's LoopLag monitor
         self.drills: Any = None  # the daemon's DrillRunner (meshcloud.agent.drill)
+        # The leader's judgement of the racks, fetched by follow_leader() on other racks.
+        self._leader_view: tuple[str, float, dict[str, Any]] | None = None
 
     def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
@@ -82,23 +86,94 @@ class StoreControl:
         state = store.state()
         silent = self.lease.silent_for() if self.lease is not None else {}
         alive = self.lease.alive() if self.lease is not None else None
+        judged_by = self.rack if alive is not None else None
+        leader_racks: dict[str, Any] = {}
+        if alive is None and (seen := self.leader_view()) is not None:
+            judged_by, leader_racks = seen  # the leader judges liveness; show its judgement
         racks: dict[str, Any] = {}
         for name in state.racks:
-            # only the leader judges liveness; other racks just list members
-            rack_state = "member" if alive is None else "alive" if name in alive else "lost"
-            racks[name] = {
-                "state": rack_state,
-                "voter": name in state.voters,
-                "lease_age_s": round(silent[name], 3) if name in silent else None,
-            }
+            if alive is not None:
+                rack_state = "alive" if name in alive else "lost"
+                age = round(silent[name], 3) if name in silent else None
+            elif isinstance(theirs := leader_racks.get(name), dict):
+                rack_state = str(theirs.get("state", "member"))
+                age = theirs.get("lease_age_s")
+            else:  # nobody's judgement at hand: just a member
+                rack_state, age = "member", None
+            racks[name] = {"state": rack_state, "voter": name in state.voters, "lease_age_s": age}
         own = self.lease.expires_in() if self.lease is not None else None
         return {
             "formed": True,
             "store": status.to_dict(),
             "racks": racks,
+            "judged_by": judged_by,
             "own_lease_s": round(own, 3) if own is not None else None,
             "replication": self.replication_status(),
         }
+
+    # -- the leader's judgement, on the other racks ------------------------------------
+
+    def leader_view(self, now: float | None = None) -> tuple[str, dict[str, Any]] | None:
+        """(leader, racks) as the leader last judged them, if fresh (LEADER_VIEW_TTL_S)."""
+        seen = self._leader_view
+        if seen is None:
+            return None
+        leader, at, racks = seen
+        if (time.monotonic() if now is None else now) - at > LEADER_VIEW_TTL_S:
+            return None
+        return leader, racks
+
+    def note_leader_view(self, leader: str, doc: Any, now: float | None = None) -> bool:
+        """Keep the racks of the leader's health (its /api/v1/cluster); False if malformed."""
+        if not isinstance(doc, dict) or doc.get("judged_by") != leader:
+            return False
+        racks = doc.get("racks")
+        if not isinstance(racks, dict):
+            return False
+        clean: dict[str, Any] = {}
+        for name, entry in racks.items():
+            if not isinstance(entry, dict) or entry.get("state") not in ("alive", "lost"):
+                return False
+            age = entry.get("lease_age_s")
+            ok_age = age is None or (isinstance(age, int | float) and not isinstance(age, bool))
+            clean[str(name)] = {"state": entry["state"], "lease_age_s": age if ok_age else None}
+        self._leader_view = (leader, time.monotonic() if now is None else now, clean)
+        return True
+
+    async def follow_leader(self, token: str, interval_s: float = 1.0) -> None:
+        """On racks that do not lead, fetch the leader's judgement of the racks every second.
+
+        Only the leader can tell which racks are alive (leases count on its clock), so
+        without this a console opened on any other rack could not say which rack is lost.
+        """
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {token}"}
+        timeout = aiohttp.ClientTimeout(total=max(0.5, interval_s * 2))
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            while True:
+                await self._fetch_leader_view(session)
+                await asyncio.sleep(interval_s)
+
+    async def _fetch_leader_view(self, session: Any) -> None:
+        import aiohttp
+
+        store, lease = self.store, self.lease
+        if store is None or (lease is not None and lease.alive() is not None):
+            return  # not in a cluster yet, or this rack leads and judges for itself
+        leader = store.status().leader
+        rack = store.state().racks.get(leader) if leader else None
+        if leader is None or rack is None or not rack.address or not rack.api_port:
+            return
+        try:
+            async with session.get(f"http://{rack.address}:{rack.api_port}/api/v1/cluster") as r:
+                if r.status == 200:
+                    doc = await r.json()
+                    self.note_leader_view(
+                        leader, doc.get("health") if isinstance(doc, dict) else None
+                    )
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            pass  # stale after LEADER_VIEW_TTL_S: the console then shows plain members
 
     # -- failover and replication (meshcloud.web.failover_api) ------------------------
 
