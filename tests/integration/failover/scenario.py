@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 from meshcloud.core.models import ApplianceSpec, DiskSpec, PortSpec
@@ -74,9 +73,12 @@ def watch(
     def is_on(rack: str, _t: float) -> bool:
         return lab.rack(rack).power == "on"
 
-    return InvariantChecker(
-        racks, partial(cluster, api, lab.racks()), available=available or is_on
-    ).start()
+    def current_map() -> dict[str, Any] | None:
+        # ask racks that are on: a cut rack would hold each read for the API timeout,
+        # and the checker's record of the map (map_before) would fall seconds behind
+        return cluster(api, live_racks(lab))
+
+    return InvariantChecker(racks, current_map, available=available or is_on).start()
 
 
 def assignment(api: LabApi, lab: Lab, name: str, via: str | None = None) -> dict[str, Any] | None:

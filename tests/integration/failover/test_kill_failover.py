@@ -93,7 +93,7 @@ def _fail_over(
     assert seen is not None
     final = {r: g for r, g in seen.reports.items() if r in before["replicas"]}
     assert final.get(home, -1) == max(final.values()), f"{home} was not the freshest: {final}"
-    assert all(final.get(r, -1) >= g for r, g in reports.items())
+    assert all(final.get(r, -1) >= g for r, g in reports.items()), (final, reports, before)
     # the counter on the new primary's disk started at or above the replicated value
     start = wait_for(
         lambda: next(
