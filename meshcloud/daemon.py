@@ -17,7 +17,7 @@ from meshcloud.agent.cluster import Membership, load_formation
 from meshcloud.agent.control import StoreControl
 from meshcloud.agent.fencing import LoopLag, RackHooks, WatchdogGate
 from meshcloud.agent.lease import LeaseKeeper
-from meshcloud.agent.watchdog import Watchdog, make_watchdog
+from meshcloud.agent.watchdog import Watchdog, keep_ticking, make_watchdog
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
 from meshcloud.discovery import Discovery
@@ -243,6 +243,7 @@ class Daemon:
             stack.push_async_callback(self._stop_replication)
             stack.push_async_callback(self.control.close)
             stack.push_async_callback(self._stop_tasks)
+            self._spawn(keep_ticking(self.watchdog), "watchdog-tick")
             self.control.loop_lag = LoopLag()
             self._spawn(self.control.loop_lag.run(), "loop-lag")
             self._spawn(self._join_cluster(), "cluster")

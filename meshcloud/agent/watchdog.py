@@ -13,6 +13,7 @@ daemon hangs, the deadline passes and the watchdog acts on its own:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -116,3 +117,20 @@ def make_watchdog(mode: str, socket_path: Path | None, device: Path) -> Watchdog
     if mode == "device" or (mode == "auto" and device.exists()):
         return DeviceWatchdog(device)
     return NoWatchdog()
+
+
+async def keep_ticking(watchdog: Watchdog, period_s: float = 1.0) -> None:
+    """Call ``watchdog.tick()`` every ``period_s`` for as long as the daemon's loop runs.
+
+    A device watchdog is armed by the kernel from the moment it is opened, so it
+    must be petted from the daemon's start, also while the rack waits for its peers
+    and holds no lease (disarmed: petted freely). Once armed with a lease deadline,
+    ticks stop petting when the deadline passes, and the host reboots: a hung loop
+    stops ticking altogether.
+    """
+    while True:
+        try:
+            watchdog.tick()
+        except OSError as exc:
+            log.error("cannot pet the watchdog: %s", exc)
+        await asyncio.sleep(period_s)
