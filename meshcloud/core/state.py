@@ -667,6 +667,14 @@ def _op_assignment_set(s: PlacementState, c: Mapping[str, Any]) -> tuple[Placeme
     if current == asg:
         return s, {"ok": True, "changed": False, "epoch": asg.epoch}
     new = replace(s, assignments=_set(s.assignments, asg.appliance, asg))
+    # A rack that no longer holds a copy loses its generation report: if it holds one
+    # again later (re-seeded from a newer history), an old, higher number must not make
+    # a failover pick it as the freshest; it reports again once it follows this epoch.
+    gens = s.generations.get(asg.appliance)
+    holders = set(asg.holders())
+    if gens is not None and not set(gens) <= holders:
+        kept = MappingProxyType({r: g for r, g in gens.items() if r in holders})
+        new = replace(new, generations=_set(s.generations, asg.appliance, kept))
     return new, {"ok": True, "changed": True, "epoch": asg.epoch}
 
 

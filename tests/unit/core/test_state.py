@@ -177,6 +177,26 @@ def test_replica_generation_never_goes_back() -> None:
     assert "voip" not in state.generations and "voip" not in state.appliances
 
 
+def test_a_rack_dropped_from_the_holders_loses_its_generation_report() -> None:
+    # r3 reported generation 14 while it held a copy; it is dropped (lost), and later
+    # holds a copy again, re-seeded from a history whose generations are lower: its old
+    # 14 must not make a failover pick it as the freshest.
+    def report(r: str, g: int) -> dict[str, Any]:
+        return {"op": "replica_report", "appliance": "voip", "rack": r, "generation": g}
+
+    def assign(
+        primary: str, replicas: list[str], epoch: int, expected: int | None
+    ) -> dict[str, Any]:
+        asg = {"appliance": "voip", "primary": primary, "replicas": replicas, "epoch": epoch}
+        return {"op": "assignment_set", "assignment": asg, "expected_epoch": expected}
+
+    state = run(assign("r1", ["r2", "r3"], 1, None), report("r2", 12), report("r3", 14), state=BASE)
+    state = run(assign("r2", ["r4"], 2, 1), state=state)  # r1 and r3 lost
+    assert state.snapshot().replica_generations == {"voip": {"r2": 12}}
+    state = run(assign("r2", ["r3", "r4"], 2, 2), report("r3", 6), state=state)
+    assert state.snapshot().replica_generations == {"voip": {"r2": 12, "r3": 6}}
+
+
 def test_snapshot_is_a_cluster_snapshot() -> None:
     snap = BASE.snapshot()
     assert snap.cluster_id == "c1"
