@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import pytest
 
 from meshcloud.core.models import ApplianceSpec, DiskSpec, PortSpec
 from meshcloud.demo import demo_image_files, ensure_segment_address, seed_lab_image
@@ -13,6 +16,15 @@ from meshcloud.lab.api import ApiError, LabApi
 from meshcloud.lab.checker import InvariantChecker
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
+
+# The marks of every test that runs the real demo appliance in a lab.
+LAB_VM = [
+    pytest.mark.slow,
+    pytest.mark.vm,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+WaitFor = Callable[..., Any]
 
 WaitFor = Callable[..., Any]
 FORM_TIMEOUT_S = 90.0

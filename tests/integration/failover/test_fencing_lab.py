@@ -20,7 +20,6 @@ invariant checker watching every rack's QEMU every 0.1 s:
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -40,6 +39,7 @@ from meshcloud.replication.transport import SshTarget, ssh_argv
 from .scenario import (
     BOOT_TIMEOUT_S,
     FAILOVER_TIMEOUT_S,
+    LAB_VM,
     PLACE_TIMEOUT_S,
     assignment,
     counter,
@@ -51,12 +51,7 @@ from .scenario import (
     watch,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = LAB_VM
 
 WaitFor = Callable[..., Any]
 IP = "10.90.0.11"

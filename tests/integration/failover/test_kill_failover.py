@@ -18,13 +18,10 @@ and at no moment does any appliance run on two racks.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-
-import pytest
 
 from meshcloud.lab.api import LabApi
 from meshcloud.lab.checker import InvariantChecker
@@ -34,6 +31,7 @@ from meshcloud.lab.pytest_plugin import MakeLab
 from .scenario import (
     BOOT_TIMEOUT_S,
     FAILOVER_TIMEOUT_S,
+    LAB_VM,
     PLACE_TIMEOUT_S,
     assignment,
     cluster,
@@ -46,12 +44,7 @@ from .scenario import (
     watch,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = LAB_VM
 
 WaitFor = Callable[..., Any]
 IPS = {"app1": "10.90.0.11", "app2": "10.90.0.12"}

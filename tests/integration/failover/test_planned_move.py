@@ -24,14 +24,11 @@ and at no moment does the appliance run on two racks.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-
-import pytest
 
 from meshcloud.lab.api import LabApi
 from meshcloud.lab.checker import InvariantChecker
@@ -40,6 +37,7 @@ from meshcloud.lab.pytest_plugin import MakeLab
 
 from .scenario import (
     BOOT_TIMEOUT_S,
+    LAB_VM,
     PLACE_TIMEOUT_S,
     assignment,
     cluster,
@@ -51,12 +49,7 @@ from .scenario import (
     watch,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = LAB_VM
 
 WaitFor = Callable[..., Any]
 IP = "10.90.0.11"
