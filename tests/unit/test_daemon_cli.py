@@ -75,4 +75,10 @@ def test_daemon_starts_and_answers_health(tmp_path: Path) -> None:
         assert doc["rack"] == "rack-1"
     finally:
         proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a daemon behind, even when it stops too slowly
+            proc.wait()
+            raise
+        assert code == 0
