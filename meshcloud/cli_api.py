@@ -14,9 +14,33 @@ from meshcloud.client import ApiClient, resolve_client
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.models import ApplianceSpec
 
-api_option = click.option(
-    "--api", envvar="MESHCLOUD_API", help="API URL, e.g. http://10.77.0.11:8440"
+_CA_KEY = "meshcloud.ca"
+
+
+def _remember_ca(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.meta[_CA_KEY] = value
+
+
+_ca_option = click.option(
+    "--ca",
+    envvar="MESHCLOUD_CA",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    expose_value=False,
+    callback=_remember_ca,
+    help="the kit's ca/ca.crt: trust only it for an https:// API (default: the rack config's"
+    " console.tls_ca)",
 )
+_api_url_option = click.option(
+    "--api", envvar="MESHCLOUD_API", help="API URL, e.g. https://10.44.0.11:8440"
+)
+
+
+def api_option(command: Any) -> Any:
+    """``--api URL`` and ``--ca FILE`` (the CA that must have signed an https API's certificate)."""
+    return _api_url_option(_ca_option(command))
+
+
 token_option = click.option("--token", envvar="MESHCLOUD_TOKEN", help="API bearer token")
 rack_config_option = click.option(
     "--rack-config",
@@ -26,7 +50,9 @@ rack_config_option = click.option(
 
 
 def _client(api: str | None, token: str | None, rack_config: Path | None) -> ApiClient:
-    return resolve_client(api, token, rack_config)
+    ctx = click.get_current_context(silent=True)
+    ca = ctx.meta.get(_CA_KEY) if ctx is not None else None
+    return resolve_client(api, token, rack_config, ca=ca)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -247,12 +247,27 @@ class ConsoleConfig(_Strict):
     )
     tls_cert: Path | None = Field(None, description="the rack's TLS certificate (PEM)")
     tls_key: Path | None = Field(None, description="the rack certificate's private key (PEM)")
+    tls_ca: Path | None = Field(
+        None,
+        description="the kit's CA certificate (PEM): other racks' certificates must chain to it",
+    )
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> ConsoleConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("set both tls_cert and tls_key, or neither")
+    def _tls_set(self) -> ConsoleConfig:
+        given = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(self, k) is not None]
+        if given and len(given) < 3:
+            missing = [k for k in ("tls_cert", "tls_key", "tls_ca") if k not in given]
+            raise ValueError(
+                f"TLS needs tls_cert, tls_key and tls_ca together; {', '.join(given)} set but"
+                f" {', '.join(missing)} not: set all three (the kit's /etc/meshcloud/tls/rack.crt,"
+                " rack.key and ca.crt) or none (plain HTTP)"
+            )
         return self
+
+    @property
+    def tls(self) -> bool:
+        """True when the API port speaks HTTPS and calls to other racks use it too."""
+        return self.tls_cert is not None
 
 
 class PowerConfig(_Strict):

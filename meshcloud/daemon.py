@@ -26,7 +26,7 @@ from meshcloud.power.source import source_from_config
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.app import WebContext, create_app
 from meshcloud.web.auth import api_token
-from meshcloud.web.tls import tls_context
+from meshcloud.web.tls import peer_tls, tls_context
 from meshcloud.web.users import UserStore
 
 if TYPE_CHECKING:
@@ -43,9 +43,12 @@ class Daemon:
         self.cfg = cfg
         self.secret = secret
         self.stopping = asyncio.Event()
+        self.peer_tls = peer_tls(cfg.console)  # how this rack calls the others
         self.store: PlacementStore | None = None
         self.lease: LeaseKeeper | None = None
-        self.discovery = Discovery.from_config(cfg, secret, load_formation(cfg.state_dir))
+        self.discovery = Discovery.from_config(
+            cfg, secret, load_formation(cfg.state_dir), tls=self.peer_tls
+        )
         self.membership = Membership(cfg, secret, self.discovery)
         self.control = StoreControl(cfg.rack.name, lambda: self.membership.reason)
         self.web_context = WebContext(
@@ -58,6 +61,7 @@ class Daemon:
             session_idle_s=cfg.console.session_idle_s,
             audit=self.control.add_event,
             failover=self.control,
+            peer_tls=self.peer_tls,
         )
         self._tasks: list[asyncio.Task[None]] = []
         w = cfg.watchdog
@@ -118,7 +122,9 @@ class Daemon:
         self.wiring = ReplicationWiring(self.cfg, store, self.control.add_event)
         await self.wiring.async_start()
         self.control.attach(store, self.lease)
-        self._spawn(self.control.follow_leader(api_token(self.secret)), "leader-view")
+        self._spawn(
+            self.control.follow_leader(api_token(self.secret), tls=self.peer_tls), "leader-view"
+        )
         self.control.attach_replication(self.wiring)
         self._spawn(self.wiring.report_loop(), "replica-reports")
         self._spawn(self._power_reporter(store).run(), "power")

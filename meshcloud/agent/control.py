@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,6 +17,9 @@ from meshcloud.core.moves import move_command
 from meshcloud.core.state import PlacementState
 from meshcloud.raft.store import PlacementStore
 from meshcloud.web.sse import Broadcaster
+from meshcloud.web.tls import PLAIN, PeerTLS, certificate_problem
+
+log = logging.getLogger(__name__)
 
 LEADER_VIEW_TTL_S = 3.0  # older than this, the leader's judgement is not shown
 
@@ -36,6 +40,7 @@ class StoreControl:
         self.drills: Any = None  # the daemon's DrillRunner (meshcloud.agent.drill)
         # The leader's judgement of the racks, fetched by follow_leader() on other racks.
         self._leader_view: tuple[str, float, dict[str, Any]] | None = None
+        self._leader_tls_problem: str | None = None  # logged once, not every second
 
     def attach(self, store: PlacementStore, lease: LeaseKeeper | None = None) -> None:
         """Serve from ``store`` from now on and start publishing its changes."""
@@ -140,22 +145,27 @@ class StoreControl:
         self._leader_view = (leader, time.monotonic() if now is None else now, clean)
         return True
 
-    async def follow_leader(self, token: str, interval_s: float = 1.0) -> None:
+    async def follow_leader(
+        self, token: str, interval_s: float = 1.0, tls: PeerTLS = PLAIN
+    ) -> None:
         """On racks that do not lead, fetch the leader's judgement of the racks every second.
 
         Only the leader can tell which racks are alive (leases count on its clock), so
         without this a console opened on any other rack could not say which rack is lost.
+        ``tls`` says whether racks speak plain HTTP or HTTPS verified with the kit's CA.
         """
         import aiohttp
 
         headers = {"Authorization": f"Bearer {token}"}
         timeout = aiohttp.ClientTimeout(total=max(0.5, interval_s * 2))
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=tls.connector()
+        ) as session:
             while True:
-                await self._fetch_leader_view(session)
+                await self._fetch_leader_view(session, tls)
                 await asyncio.sleep(interval_s)
 
-    async def _fetch_leader_view(self, session: Any) -> None:
+    async def _fetch_leader_view(self, session: Any, tls: PeerTLS = PLAIN) -> None:
         import aiohttp
 
         store, lease = self.store, self.lease
@@ -165,15 +175,22 @@ class StoreControl:
         rack = store.state().racks.get(leader) if leader else None
         if leader is None or rack is None or not rack.address or not rack.api_port:
             return
+        url = tls.base_url(rack.address, rack.api_port) + "/api/v1/cluster"
         try:
-            async with session.get(f"http://{rack.address}:{rack.api_port}/api/v1/cluster") as r:
+            async with session.get(url) as r:
                 if r.status == 200:
                     doc = await r.json()
                     self.note_leader_view(
                         leader, doc.get("health") if isinstance(doc, dict) else None
                     )
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            pass  # stale after LEADER_VIEW_TTL_S: the console then shows plain members
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            # stale after LEADER_VIEW_TTL_S: the console then shows plain members
+            problem = certificate_problem(exc)
+            if problem is not None and problem != self._leader_tls_problem:
+                log.warning("leader view from %s: %s", leader, problem)
+            self._leader_tls_problem = problem
+        else:
+            self._leader_tls_problem = None
 
     # -- failover and replication (meshcloud.web.failover_api) ------------------------
 

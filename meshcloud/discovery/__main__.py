@@ -30,6 +30,7 @@ from meshcloud.core.formation import AlreadyFormed, Decision, Found, Join, decid
 from meshcloud.discovery.admission import AdmittedPeer
 from meshcloud.discovery.service import Discovery
 from meshcloud.log import setup_logging
+from meshcloud.web.tls import tls_context
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -105,7 +106,8 @@ async def run(config: Path, simulate: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        site = web.TCPSite(runner, cfg.network.bind_address, cfg.network.api_port)
+        tls = tls_context(cfg.console.tls_cert, cfg.console.tls_key)
+        site = web.TCPSite(runner, cfg.network.bind_address, cfg.network.api_port, ssl_context=tls)
         await site.start()
         await discovery.start()
         emit("ready", rack=cfg.rack.name, cluster_id=discovery.cluster_id)

@@ -31,6 +31,7 @@ from meshcloud.discovery import proof
 from meshcloud.discovery.proof import ChallengeBook, ClusterKeys
 from meshcloud.discovery.records import RackReport, report_from_json, report_to_json
 from meshcloud.web.errors import error_response
+from meshcloud.web.tls import PLAIN, PeerTLS, certificate_problem
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,8 @@ def add_routes(app: web.Application, server: AdmissionServer) -> None:
     app.router.add_post(HELLO_PATH, server.handle)
 
 
-def hello_url(address: str, api_port: int) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{api_port}{HELLO_PATH}"
+def hello_url(address: str, api_port: int, tls: PeerTLS = PLAIN) -> str:
+    return tls.base_url(address, api_port) + HELLO_PATH
 
 
 async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +299,10 @@ async def _post(session: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -
     except InvalidInput as exc:
         raise AdmissionFailed(f"{url}: answer {exc}") from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise AdmissionFailed(f"{url}: {type(exc).__name__}: {exc}") from None
+        problem = certificate_problem(exc)
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError) and problem is not None:
+            raise AdmissionRefused(f"{url}: {problem}") from None
+        raise AdmissionFailed(f"{url}: {problem or f'{type(exc).__name__}: {exc}'}") from None
     try:
         answer = parse_json_object(body)
     except InvalidInput as exc:
@@ -323,14 +326,16 @@ async def hello(
     api_port: int,
     *,
     via: str = "static",
+    tls: PeerTLS = PLAIN,
 ) -> AdmittedPeer:
     """Run the admission exchange with the rack at ``address:api_port``.
 
     ``report`` builds our report just before it is sent. Returns the admitted
     peer; raises AdmissionRefused if the other side cannot prove the secret
-    (or refuses ours) and AdmissionFailed on network or protocol trouble.
+    (or refuses ours, or its TLS certificate is not from the kit's CA) and
+    AdmissionFailed on network or protocol trouble. ``tls`` says http or https.
     """
-    url = hello_url(address, api_port)
+    url = hello_url(address, api_port, tls)
     client_nonce = proof.new_nonce()
     first = await _post(
         session,

@@ -49,6 +49,7 @@ from meshcloud.discovery.admission import (
 from meshcloud.discovery.mdns import MdnsAgent
 from meshcloud.discovery.proof import ClusterKeys
 from meshcloud.discovery.records import Announcement, RackReport
+from meshcloud.web.tls import PLAIN, PeerTLS, peer_tls
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,10 @@ class Discovery:
         formed_refresh_s: float = 15.0,
         max_backoff_s: float = 5.0,
         request_timeout_s: float = 3.0,
+        tls: PeerTLS = PLAIN,
     ) -> None:
         self.rack = rack
+        self.tls = tls
         self.keys = ClusterKeys.from_secret(secret)
         self.bootstrap_expect = bootstrap_expect
         self.static_peers = tuple(parse_peer(p) for p in static_peers)
@@ -157,9 +160,16 @@ class Discovery:
 
     @classmethod
     def from_config(
-        cls, cfg: DaemonConfig, secret: str, status: FormationStatus = NOT_FORMED
+        cls,
+        cfg: DaemonConfig,
+        secret: str,
+        status: FormationStatus = NOT_FORMED,
+        tls: PeerTLS | None = None,
     ) -> Discovery:
-        """Build from the daemon's configuration, its secret and its persisted status."""
+        """Build from the daemon's configuration, its secret and its persisted status.
+
+        ``tls`` defaults to what ``cfg.console`` says (verified HTTPS or plain HTTP).
+        """
         rack = LocalRack(
             name=cfg.rack.name,
             site=cfg.rack.site,
@@ -174,6 +184,7 @@ class Discovery:
             status=status,
             static_peers=cfg.cluster.peers,
             mdns=cfg.cluster.mdns,
+            tls=tls if tls is not None else peer_tls(cfg.console),
         )
 
     # --- what the daemon reads ------------------------------------------------------
@@ -342,7 +353,7 @@ class Discovery:
 
     async def _start(self) -> None:
         self._running = True
-        connector = aiohttp.TCPConnector(local_addr=(self.rack.address, 0), limit=32)
+        connector = self.tls.connector(local_addr=(self.rack.address, 0), limit=32)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
@@ -472,6 +483,7 @@ class Discovery:
                     target.address,
                     target.api_port,
                     via=target.via,
+                    tls=self.tls,
                 )
             except (AdmissionRefused, AdmissionFailed) as exc:
                 target.failures += 1

@@ -21,6 +21,7 @@ from meshcloud.web.ratelimit import LoginLimiter
 from meshcloud.web.roles import roles_middleware
 from meshcloud.web.routes import add_api_routes, add_console_routes, add_failover_routes
 from meshcloud.web.sessions import SESSIONS, SessionStore, session_middleware
+from meshcloud.web.tls import PLAIN, PeerTLS
 from meshcloud.web.users import UserStore
 from meshcloud.web.users_sync import SYNC, UsersSync, sync_context
 
@@ -41,6 +42,7 @@ class WebContext:
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     audit: Callable[[str, str], None] | None = None  # (kind, sentence) into the event log
     failover: FailoverView | None = None  # kept-aside copies, replication lag, /metrics
+    peer_tls: PeerTLS = PLAIN  # how this rack calls the others (users sync)
 
 
 CONTEXT = web.AppKey("context", WebContext)
@@ -95,7 +97,7 @@ def create_app(ctx: WebContext) -> web.Application:
         if ctx.audit is not None:
             app[AUDIT] = ctx.audit
         if ctx.control is not None:
-            app[SYNC] = UsersSync(ctx.users, ctx.control, ctx.rack, ctx.api_token)
+            app[SYNC] = UsersSync(ctx.users, ctx.control, ctx.rack, ctx.api_token, tls=ctx.peer_tls)
             app.cleanup_ctx.append(sync_context)
         add_console_routes(app)
     return app

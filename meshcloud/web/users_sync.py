@@ -22,6 +22,7 @@ from aiohttp import web
 
 from meshcloud.core.errors import InvalidInput, MeshcloudError
 from meshcloud.web.control import ClusterControl
+from meshcloud.web.tls import PLAIN, PeerTLS, certificate_problem
 from meshcloud.web.users import UsersDoc, UserStore, parse_users
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class UsersSync:
         rack: str,
         token: str,
         interval_s: float = PULL_INTERVAL_S,
+        tls: PeerTLS = PLAIN,
     ) -> None:
         self.users = users
+        self.tls = tls
         self.control = control
         self.rack = rack
         self.token = token
@@ -62,7 +65,7 @@ class UsersSync:
         except MeshcloudError:
             return []
         return [
-            f"http://{r.address}:{r.api_port}"
+            self.tls.base_url(r.address, r.api_port)
             for name, r in sorted(racks.items())
             if name != self.rack and r.address and r.api_port
         ]
@@ -70,7 +73,9 @@ class UsersSync:
     async def run(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=self.tls.connector()
+        ) as session:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval_s)
@@ -87,7 +92,7 @@ class UsersSync:
                 if resp.status != 200:
                     log.info("users to %s: HTTP %d", peer, resp.status)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.info("users to %s: %s (it catches up later)", peer, exc)
+            _log_failure(f"users to {peer}", exc, "it catches up later")
 
     async def _pull(self, session: aiohttp.ClientSession, peer: str) -> None:
         try:
@@ -97,7 +102,17 @@ class UsersSync:
                 data = await resp.json()
             await self.users.adopt(parse_users(data, f"users from {peer}"))
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, InvalidInput) as exc:
-            log.info("users from %s: %s", peer, exc)
+            _log_failure(f"users from {peer}", exc)
+
+
+def _log_failure(what: str, exc: BaseException, then: str = "") -> None:
+    """A refused certificate is a warning (someone else's rack?); the rest is routine."""
+    problem = certificate_problem(exc)
+    suffix = f" ({then})" if then else ""
+    if problem is not None:
+        log.warning("%s: %s%s", what, problem, suffix)
+    else:
+        log.info("%s: %s%s", what, exc, suffix)
 
 
 SYNC = web.AppKey("users_sync", UsersSync)

@@ -81,3 +81,26 @@ def test_load_config_reports_bad_yaml(tmp_path: Path) -> None:
 def test_load_config_reports_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("console", "expected"),
+    [
+        ({"tls_ca": "/etc/meshcloud/tls/ca.crt"},
+         "tls_ca set but tls_cert, tls_key not: set all three"),
+        ({"tls_cert": "/c.crt", "tls_key": "/c.key"}, "tls_cert, tls_key set but tls_ca not"),
+        ({"tls_cert": "/c.crt", "tls_ca": "/ca.crt"}, "tls_key not"),
+        ({"tls_key": "/c.key"}, "tls_cert, tls_ca not"),
+    ],
+)  # fmt: skip
+def test_tls_needs_cert_key_and_ca_together(console: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        parse_config(minimal(console=console))
+    assert "console" in str(info.value) and "or none (plain HTTP)" in str(info.value)
+
+
+def test_tls_is_off_by_default_and_on_with_all_three() -> None:
+    assert not parse_config(minimal()).console.tls
+    files = {"tls_cert": "/t/rack.crt", "tls_key": "/t/rack.key", "tls_ca": "/t/ca.crt"}
+    cfg = parse_config(minimal(console=files))
+    assert cfg.console.tls and cfg.console.tls_ca == Path("/t/ca.crt")
