@@ -53,6 +53,10 @@ DEFAULT_CONFIG_DIR = "/etc/meshcloud"
 EMERGENCY_CODES = 10
 ADMIN_USER = "admin"
 CA_YEARS = 20
+# Where a rack keeps its TLS files, relative to the config dir (identity.py, Ansible).
+CA_CERT_FILE = "tls/ca.crt"
+RACK_CERT_FILE = "tls/rack.crt"
+RACK_KEY_FILE = "tls/rack.key"
 RACK_CERT_YEARS = 10
 # No 0/O, 1/I/L: codes are read off paper and typed in a hurry.
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -199,6 +203,12 @@ def render_daemon_yaml(plan: KitPlan, rack: RackPlan, cluster_id: str) -> str:
         },
         "state_dir": "/var/lib/meshcloud",
         "hypervisor": {"uri": "qemu:///system"},
+        # where the identity unpacker (and Ansible) install the kit's tls/ files
+        "console": {
+            "tls_cert": f"{plan.config_dir}/{RACK_CERT_FILE}",
+            "tls_key": f"{plan.config_dir}/{RACK_KEY_FILE}",
+            "tls_ca": f"{plan.config_dir}/{CA_CERT_FILE}",
+        },
     }
     parse_config(data, f"daemon.yaml for {rack.name}")
     header = (
@@ -529,9 +539,9 @@ def rack_identity(kit: Kit, rack: str) -> Identity:
     files = {
         "daemon.yaml": _read(d / "racks" / rack / "daemon.yaml"),
         "cluster-secret": _read(d / "cluster-secret"),
-        "tls/ca.crt": _read(d / "ca" / "ca.crt"),
-        "tls/rack.crt": _read(d / "racks" / rack / "rack.crt"),
-        "tls/rack.key": _read(d / "racks" / rack / "rack.key"),
+        CA_CERT_FILE: _read(d / "ca" / "ca.crt"),
+        RACK_CERT_FILE: _read(d / "racks" / rack / "rack.crt"),
+        RACK_KEY_FILE: _read(d / "racks" / rack / "rack.key"),
         "ssh/replication_ed25519": _read(d / "ssh" / "replication_ed25519"),
         "ssh/replication_ed25519.pub": _read(d / "ssh" / "replication_ed25519.pub"),
         "users.json": _read(d / "users.json"),
@@ -557,8 +567,9 @@ def show_kit(kit: Kit) -> str:
         f"kit:        {kit.directory}",
         f"cluster:    {s['cluster']}  (id {s['cluster_id']})",
         f"created:    {s['created']}",
-        f"CA:         {s['ca']['subject']}  sha256 {s['ca']['sha256'][:16]}...  until"
-        f" {s['ca']['not_after'][:10]}",
+        f"CA:         {s['ca']['subject']}  until {s['ca']['not_after'][:10]}",
+        f"CA SHA-256: {_colons(s['ca']['sha256'])}",
+        "            (the consoles speak HTTPS: laptops trust ca/ca.crt, or check this)",
         f"ports:      api {s['api_port']}, raft {s['raft_port']}; mesh interface"
         f" {s['mesh_interface']!r}; bootstrap_expect {s['bootstrap_expect']}",
         f"replication key: {_ssh_fingerprint(s['ssh_public_key'])}",
@@ -575,6 +586,11 @@ def show_kit(kit: Kit) -> str:
             f" {kit.console_url(rack['name'])}  ({when})"
         )
     return "\n".join(lines)
+
+
+def _colons(hex_digest: str) -> str:
+    """A fingerprint as browsers show it: AB:CD:..."""
+    return ":".join(hex_digest[i : i + 2] for i in range(0, len(hex_digest), 2)).upper()
 
 
 def _ssh_fingerprint(public_line: str) -> str:

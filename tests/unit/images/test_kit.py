@@ -18,6 +18,7 @@ from meshcloud.config import load_config
 from meshcloud.core.errors import InvalidInput
 from meshcloud.images.identity import install_identity
 from meshcloud.images.kit import KitError, create_kit, load_kit, plan_kit, rack_identity, show_kit
+from meshcloud.web.tls import peer_tls, tls_context
 
 HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
@@ -115,6 +116,8 @@ def test_show_prints_no_secret(tmp_path: Path) -> None:
     out, secrets = make_kit(tmp_path)
     text = show_kit(load_kit(out))
     assert "relief" in text and "rack-2" in text and "https://10.44.0.12:8440/" in text
+    fingerprint = load_kit(out).summary["ca"]["sha256"].upper()
+    assert ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)) in text
     secret = (out / "cluster-secret").read_text().strip()
     assert secret not in text and "PRIVATE KEY" not in text
     assert secrets.admin_password not in text  # type: ignore[attr-defined]
@@ -147,6 +150,17 @@ def test_rack_daemon_config_is_ready_to_use(tmp_path: Path) -> None:
     assert cfg.network.bind_address == "10.44.0.12"
     assert cfg.read_secret() == (out / "cluster-secret").read_text().strip()
     assert ident.files["tls/rack.crt"] == (out / "racks/rack-2/rack.crt").read_text()
+    # TLS is on, with the files where the identity unpacker put them
+    etc = tmp_path / "etc"
+    tls = cfg.console
+    assert (tls.tls_cert, tls.tls_key, tls.tls_ca) == (
+        etc / "tls/rack.crt",
+        etc / "tls/rack.key",
+        etc / "tls/ca.crt",
+    )
+    assert tls_context(tls.tls_cert, tls.tls_key) is not None
+    client = peer_tls(tls)
+    assert client.base_url("10.44.0.11", 8440) == "https://10.44.0.11:8440"
 
 
 def test_unknown_rack_and_missing_kit(tmp_path: Path) -> None:
