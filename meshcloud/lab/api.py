@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from meshcloud.core.errors import MeshcloudError
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.plan import API_PORT
 from meshcloud.web.auth import api_token
+from meshcloud.web.tls import client_context
 
 
 class ApiError(MeshcloudError):
@@ -22,11 +25,18 @@ class ApiError(MeshcloudError):
 
 
 class _NsConnection(http.client.HTTPConnection):
-    """An HTTP connection whose socket is made in the lab's observer namespace."""
+    """An HTTP(S) connection whose socket is made in the lab's observer namespace.
 
-    def __init__(self, lab: Lab, host: str, port: int, timeout: float) -> None:
+    With ``context`` the socket speaks TLS, and the rack's certificate must
+    verify against the context's CA and name ``host`` (the rack's lab address).
+    """
+
+    def __init__(
+        self, lab: Lab, host: str, port: int, timeout: float, context: ssl.SSLContext | None
+    ) -> None:
         super().__init__(host, port, timeout=timeout)
         self.lab = lab
+        self.context = context
 
     def connect(self) -> None:
         sock = self.lab.socket(None)
@@ -36,21 +46,38 @@ class _NsConnection(http.client.HTTPConnection):
         except OSError:
             sock.close()
             raise
+        if self.context is not None:
+            try:
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+            except OSError:
+                sock.close()
+                raise
         self.sock = sock
 
 
 class LabApi:
-    """Requests to any rack's v1 API, authenticated with the lab's cluster secret."""
+    """Requests to any rack's v1 API, authenticated with the lab's cluster secret.
 
-    def __init__(self, lab: Lab, timeout_s: float = 10.0) -> None:
+    A lab up with ``tls=True`` is spoken to over HTTPS, trusting ``ca`` (default:
+    the lab's CA, :attr:`Lab.ca_file`) and nothing else.
+    """
+
+    def __init__(self, lab: Lab, timeout_s: float = 10.0, ca: Path | None = None) -> None:
         self.lab = lab
         self.timeout_s = timeout_s
         self.token = api_token(lab.secret_file.read_text().strip())
+        if ca is None and lab.tls:
+            ca = lab.ca_file
+        self.context = client_context(ca) if ca is not None else None
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.context is None else "https"
 
     def request(self, rack: str, method: str, path: str, body: Any = None) -> Any:
         """Send one request to ``rack``; return the decoded JSON or raise ApiError."""
         ip = self.lab.rack(rack).ip
-        conn = _NsConnection(self.lab, ip, API_PORT, self.timeout_s)
+        conn = _NsConnection(self.lab, ip, API_PORT, self.timeout_s, self.context)
         headers = {"Authorization": f"Bearer {self.token}"}
         data = None
         if body is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -65,7 +65,8 @@ class Forwarder:
 
     @property
     def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}/"
+        """The console's address: https:// when the lab runs with TLS."""
+        return f"{'https' if self.lab.tls else 'http'}://{LOCALHOST}:{self.port}/"
 
     def _start_server(self, port: int) -> None:
         ip = self.lab.rack(self.rack).ip
@@ -127,10 +128,11 @@ def run_in_thread(fn: Callable[[], T]) -> T:
 
 
 @contextmanager
-def chromium(**launch_options: Any) -> Iterator[Any]:
+def chromium(extra_args: Sequence[str] = (), **launch_options: Any) -> Iterator[Any]:
     """A Playwright browser (sync API) on Debian's Chromium with a fresh profile.
 
     Yields the Browser; make contexts with ``browser.new_context(...)``.
+    ``extra_args`` are added to Chromium's command line (e.g. a pinned key).
     """
     reason = browser_unavailable()
     if reason is not None:
@@ -140,7 +142,10 @@ def chromium(**launch_options: Any) -> Iterator[Any]:
     with sync_playwright() as pw:
         # launch() gives every run a fresh temporary profile (user-data dir) of its own
         browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, **launch_options
+            executable_path=CHROMIUM,
+            args=[*CHROMIUM_ARGS, *extra_args],
+            headless=True,
+            **launch_options,
         )
         try:
             yield browser

@@ -47,6 +47,8 @@ def lab(ctx: click.Context, name: str, root: Path | None) -> None:
 @click.option("--no-wait", is_flag=True, help="do not wait for the daemons' API ports")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--nut", is_flag=True, help="give every rack a UPS (NUT dummy-ups and upsd)")
+@click.option("--tls", is_flag=True,
+              help="racks serve and call HTTPS with a lab CA (<lab dir>/tls/ca.crt)")  # fmt: skip
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -61,6 +63,7 @@ def up(
     no_wait: bool,
     timeout: float,
     nut: bool,
+    tls: bool,
 ) -> None:
     """Create the lab: a bridge namespace and RACKS racks with sshd and a daemon each."""
     the_lab = _lab(ctx)
@@ -78,6 +81,7 @@ def up(
         wait=not no_wait,
         timeout=timeout,
         nut=nut,
+        tls=tls,
     )
     _print_status(the_lab.status())
 

@@ -180,6 +180,22 @@ class Lab:
         """
         return self.dir / "ssh" / "replication_ed25519"
 
+    @property
+    def tls_dir(self) -> Path:
+        """The lab's CA (``ca.crt``, ``ca.key``) when it runs with TLS."""
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The lab CA's certificate: what clients trust when the lab runs with TLS."""
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def tls(self) -> bool:
+        """True when the racks serve HTTPS (``up(tls=True)``); False when the lab is down."""
+        state = load_state(self.root, self.name)
+        return state is not None and state.tls
+
     def nut_dir(self, rack: str) -> Path:
         """The rack's NUT config (ups.conf, upsd.conf, ups.dev) when the lab has UPSes."""
         return self.rack_dir(rack) / "nut"
@@ -284,8 +300,13 @@ class Lab:
         timeout: float = 60.0,
         owner_pid: int | None = None,
         nut: bool = False,
+        tls: bool = False,
     ) -> None:
         """Create the lab: bridge, ``racks`` racks with sshd and (by default) their daemons.
+
+        ``tls``: the lab makes a CA and a certificate per rack (as ``meshcloud kit
+        new`` does) and sets ``console.tls_*``: racks serve HTTPS and call each
+        other over it; :class:`~meshcloud.lab.api.LabApi` trusts :attr:`ca_file`.
 
         ``nut``: every rack also gets a UPS (NUT's dummy-ups driver and upsd in
         its namespace) and its daemon reads it (``power.source: nut``); change
@@ -343,9 +364,10 @@ class Lab:
                 owner_pid=owner_pid,
                 owner_starttime=_starttime(owner_pid),
                 nut=nut,
+                tls=tls,
             )
             try:
-                self._write_lab_files()
+                self._write_lab_files(tls)
                 save_state(state)
                 network.create_bridge_netns(self.bridge_netns)
                 state.shaper_backend = network.detect_shaper_backend(self.bridge_netns)
@@ -381,8 +403,12 @@ class Lab:
             self.wait_ready([name])
         return name
 
-    def _write_lab_files(self) -> None:
+    def _write_lab_files(self, tls: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if tls:
+            from meshcloud.lab.pki import write_ca
+
+            write_ca(self.tls_dir, self.name)
         fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
@@ -441,12 +467,22 @@ class Lab:
             known_hosts=self.known_hosts,
             replication_user=_replication_login(),
             power=plan.nut_power_config() if state.nut else None,
+            tls=self._rack_tls(rack) if state.tls else None,
         )
         parse_config(data, f"lab config for {rack.name}")  # the schema is the contract
         self.config_path(rack.name).write_text(
             "# written by meshcloud lab up; see docs/lab.md\n"
             + yaml.safe_dump(data, sort_keys=False)
         )
+
+    def _rack_tls(self, rack: RackState) -> tuple[Path, Path, Path]:
+        """Sign ``rack``'s certificate for its lab address; (cert, key, CA) paths."""
+        from meshcloud.lab.pki import write_rack_cert
+
+        cert, key = write_rack_cert(
+            self.tls_dir, self.rack_dir(rack.name) / "tls", self.name, rack.name, rack.site, rack.ip
+        )
+        return cert, key, self.ca_file
 
     def _write_known_hosts(self, state: LabState) -> None:
         lines = []

@@ -224,11 +224,18 @@ def daemon_config(
     known_hosts: Path | None = None,
     replication_user: str = "root",
     power: dict[str, Any] | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> dict[str, Any]:
-    """The rack daemon's config as plain data (validated by meshcloud.config before writing)."""
+    """The rack daemon's config as plain data (validated by meshcloud.config before writing).
+
+    ``tls``: (certificate, key, CA) paths: the rack serves and calls HTTPS.
+    """
     extra: dict[str, Any] = {}
     if power is not None:
         extra["power"] = power
+    if tls is not None:
+        cert, key, ca = tls
+        extra["console"] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
     if replication_key is not None and known_hosts is not None:
         extra["replication"] = {
             "ssh_key": str(replication_key),

@@ -69,6 +69,7 @@ class LabState:
     racks: dict[str, RackState] = field(default_factory=dict)
     version: int = STATE_VERSION
     nut: bool = False  # every rack has a UPS: NUT's dummy-ups and upsd (docs/power.md)
+    tls: bool = False  # racks serve and call HTTPS with the lab's CA (docs/lab.md)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
