@@ -6,13 +6,13 @@ its inputs, so later runs reuse it); the boot under TCG takes a few more.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from meshcloud.images.disklayout import MIB
 from meshcloud.images.identity import read_identity_from_disk
 from meshcloud.images.kit import create_kit, load_kit, plan_kit
 from meshcloud.images.rackos import build_rack_image
+from meshcloud.web.tls import client_context
 
 from .conftest import CHEAP_HASHER, LoopFactory
 
@@ -55,13 +56,28 @@ def console_text(serial: Path) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", serial.read_text(errors="replace"))
 
 
-def get_health(port: int) -> dict[str, object] | None:
+def get_health(port: int, ca: Path, rack: str) -> dict[str, object] | None:
+    """GET /api/v1/health over HTTPS (the kit turns TLS on), verified with the kit's CA.
+
+    The guest is reached through a loopback forward, so the certificate is
+    checked against the rack's name (a DNS SAN of every kit certificate).
+    """
+    conn = http.client.HTTPConnection(rack, port, timeout=5)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=5) as resp:
-            data: dict[str, object] = json.loads(resp.read())
-            return data
-    except (OSError, ValueError):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            conn.sock = client_context(ca).wrap_socket(raw, server_hostname=rack)
+        except OSError:
+            raw.close()
+            raise
+        conn.request("GET", "/api/v1/health")
+        resp = conn.getresponse()
+        data: dict[str, object] = json.loads(resp.read())
+        return data if resp.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
         return None
+    finally:
+        conn.close()
 
 
 def test_build_flash_boot_and_the_daemon_answers(tmp_path: Path, loop_device: LoopFactory) -> None:
@@ -105,7 +121,7 @@ def test_build_flash_boot_and_the_daemon_answers(tmp_path: Path, loop_device: Lo
             if time.monotonic() > deadline:
                 pytest.fail(f"no answer from the daemon in the guest after {BOOT_DEADLINE_S} s:\n"
                             f"{console_text(serial)[-3000:]}")  # fmt: skip
-            health = get_health(port)
+            health = get_health(port, kit.directory / "ca" / "ca.crt", "rack-1")
             if health is None:
                 time.sleep(2)  # polling a condition with a deadline, not synchronising on time
         boot_s = time.monotonic() - t1
