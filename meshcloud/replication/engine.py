@@ -85,6 +85,8 @@ class _State:
     push_s: dict[str, float] = field(default_factory=dict)
     cycles: int = 0
     failures: int = 0
+    frozen_bytes: int = 0  # data_bytes of every generation frozen
+    seconds: dict[str, float] = field(default_factory=dict)  # freeze, ship, merge, push, commit
 
 
 class ReplicationEngine:
@@ -254,9 +256,15 @@ class ReplicationEngine:
             st = self._states.setdefault(appliance, _State())
             st.last_report = report
             st.cycles += 1
+            st.frozen_bytes += report.data_bytes
+            spent = {"freeze": report.freeze_s, "ship": report.ship_s, "merge": report.merge_s}
             for rack, ship in report.shipped.items():
                 st.bytes_sent[rack] = st.bytes_sent.get(rack, 0) + ship.bytes_sent
                 st.push_s[rack] = st.push_s.get(rack, 0.0) + ship.push_s
+                spent["push"] = spent.get("push", 0.0) + ship.push_s
+                spent["commit"] = spent.get("commit", 0.0) + ship.commit_s
+            for step, seconds in spent.items():
+                st.seconds[step] = st.seconds.get(step, 0.0) + seconds
         if report.errors or any(s.seeded for s in report.shipped.values()):
             self._emit(report.reason)
         return report
@@ -320,6 +328,23 @@ class ReplicationEngine:
         with self._lock:
             return {
                 name: {r: (st.bytes_sent[r], st.push_s.get(r, 0.0)) for r in st.bytes_sent}
+                for name, st in self._states.items()
+            }
+
+    def cycle_stats(self) -> dict[str, dict[str, float]]:
+        """``{appliance: {cycles, frozen_bytes, <step>_s...}}`` summed since start.
+
+        Steps: ``freeze``, ``ship`` (every replica, with seeds), ``merge``
+        and, summed over replicas, ``push`` (rsync) and ``commit`` (the
+        replica's commit round trip). For benchmarks and diagnosis.
+        """
+        with self._lock:
+            return {
+                name: {
+                    "cycles": float(st.cycles),
+                    "frozen_bytes": float(st.frozen_bytes),
+                    **{f"{step}_s": round(v, 3) for step, v in st.seconds.items()},
+                }
                 for name, st in self._states.items()
             }
 
