@@ -53,12 +53,16 @@ def config() -> None:
 @config.command("check")
 @click.argument("path", type=click.Path(path_type=Path))
 def config_check(path: Path) -> None:
-    """Validate a daemon config file and its cluster secret."""
+    """Validate a daemon config file, its cluster secret and its TLS files."""
     from meshcloud.config import load_config
+    from meshcloud.web.tls import peer_tls, tls_context
 
     cfg = load_config(path)
     cfg.read_secret()
-    click.echo(f"{path}: valid (rack {cfg.rack.name}, site {cfg.rack.site})")
+    tls_context(cfg.console.tls_cert, cfg.console.tls_key)
+    peer_tls(cfg.console)
+    tls = ", TLS with the kit's CA" if cfg.console.tls else ""
+    click.echo(f"{path}: valid (rack {cfg.rack.name}, site {cfg.rack.site}{tls})")
 
 
 @main.command()

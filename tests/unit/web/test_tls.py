@@ -194,3 +194,21 @@ def test_the_cli_takes_https_and_the_ca_from_a_rack_config(
     assert client.base_url == "https://10.44.0.11:8440" and client.ca == pki.ca
     monkeypatch.setenv("MESHCLOUD_CA", str(tmp_path / "laptop-ca.crt"))
     assert resolve_client(None, None, config).ca == tmp_path / "laptop-ca.crt"
+
+
+def test_config_check_loads_the_tls_files(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meshcloud.cli import main
+
+    pki = make_pki(tmp_path)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(
+        f"rack: {{name: rack-1}}\ncluster: {{secret: {'k' * 40}}}\n"
+        f"console: {{tls_cert: {pki.cert}, tls_key: {pki.key}, tls_ca: {tmp_path / 'gone.crt'}}}\n"
+    )
+    result = CliRunner().invoke(main, ["config", "check", str(config)])
+    assert result.exit_code != 0 and "console.tls_ca: cannot load" in result.output
+    config.write_text(config.read_text().replace(str(tmp_path / "gone.crt"), str(pki.ca)))
+    result = CliRunner().invoke(main, ["config", "check", str(config)])
+    assert result.exit_code == 0 and "TLS with the kit's CA" in result.output
