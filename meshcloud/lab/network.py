@@ -42,6 +42,21 @@ def _sysctl(ns: str, *settings: str) -> None:
     netns.run(netns.in_netns(ns, ["sysctl", "-q", "-w", *settings]))
 
 
+# What a real rack sets in rack-images/rack-os/overlay/etc/sysctl.d/60-meshcloud.conf
+# (docs/replication.md, "TCP on slow links"). Both are per network namespace, and
+# a new namespace starts from the host's values, so the lab sets them explicitly.
+RACK_TCP_SYSCTLS = ("net.ipv4.tcp_congestion_control=bbr", "net.ipv4.tcp_slow_start_after_idle=0")
+
+
+def set_rack_tcp(ns: str) -> bool:
+    """BBR and no slow start after idle in a rack namespace, as on a real rack.
+
+    False (and the kernel's defaults kept) when this kernel has no BBR.
+    """
+    proc = netns.run(netns.in_netns(ns, ["sysctl", "-q", "-w", *RACK_TCP_SYSCTLS]), check=False)
+    return proc.returncode == 0
+
+
 def create_bridge_netns(ns: str) -> None:
     """The lab's bridge namespace: ``labbr0`` up, multicast flooded, observer address."""
     netns.delete_netns(ns)
@@ -76,6 +91,7 @@ def create_rack_netns(bridge_ns: str, ns: str, port: str, ip: str, mac: str) -> 
     netns.add_netns(ns)
     # IPv6 link-local addresses usable at once (no duplicate address detection).
     _sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+    set_rack_tcp(ns)
     netns.delete_link(port, bridge_ns)
     netns.add_veth_between(plan.RACK_IFNAME, ns, port, bridge_ns, a_address=mac)
     netns.set_master(port, plan.BRIDGE_IFNAME, netns=bridge_ns)
