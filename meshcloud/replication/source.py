@@ -31,9 +31,9 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from meshcloud.core.errors import (
@@ -83,6 +83,10 @@ from meshcloud.replication.volume import (
 )
 
 VERB = "meshcloud-replica"
+# Pending generations go to a replica in one rsync run per disk, up to this many
+# bytes (at least one generation): each run costs a few round trips of handshake.
+BATCH_BYTES = 256 << 20
+BATCH_GENERATIONS = 64
 ProgressCallback = Callable[[str, int, int], None]  # (rack, bytes done, bytes total)
 
 
@@ -117,6 +121,7 @@ class ShipReport:
     to_generation: int
     bytes_sent: int = 0
     files: int = 0
+    runs: int = 0  # rsync runs (several pending generations share one)
     seconds: float = 0.0
     seeded: bool = False
     push_s: float = 0.0  # rsync time
@@ -150,18 +155,20 @@ class Transport:
     def push(
         self,
         link: ReplicaLink,
-        local: Path,
+        local: Path | Sequence[Path],
         remote_dir: str,
         *,
         sparse: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> RsyncResult:
+        """rsync one file, or several in one run (one ssh channel, one rsync handshake)."""
+        files = [local] if isinstance(local, Path) else list(local)
         argv = rsync_push_argv(
-            link.target, local, remote_dir, link.settings, sparse=sparse, progress=bool(on_progress)
+            link.target, files, remote_dir, link.settings, sparse=sparse, progress=bool(on_progress)
         )
         handler = None
         if on_progress is not None:
-            total = local.stat().st_size
+            total = sum(f.stat().st_size for f in files)
             progress_cb = on_progress
 
             def handler(chunk: str) -> None:
@@ -323,8 +330,10 @@ class ApplianceSource:
         qemu: QemuRunner = default_qemu_runner,
         clock: Callable[[], float] = time.time,
         max_outbox_bytes: int = 1 << 40,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self.volume = VolumeSet(root, appliance, qemu=qemu)
+        self.batch_bytes = batch_bytes
         self.appliance = self.volume.appliance
         self.transport = transport or Transport()
         self.live = live
@@ -543,12 +552,48 @@ class ApplianceSource:
                 seeded = self.seed(link, epoch, on_progress=on_progress)
                 seeded.from_generation = replica_gen
                 return seeded
-        for gen in range(replica_gen + 1, m.generation + 1):
-            self._ship_generation(link, epoch, gen, report)
+        pending = list(range(replica_gen + 1, m.generation + 1))
+        for batch in batch_generations(pending, self._outbox_sizes(m, pending), self.batch_bytes):
+            reported = self._push_generations(link, m, batch, report)
+            for gen in batch:
+                self._ship_generation(link, epoch, gen, reported, report)
         report.seconds = time.monotonic() - start
         return report
 
-    def _ship_generation(self, link: ReplicaLink, epoch: int, gen: int, report: ShipReport) -> None:
+    def _outbox_sizes(self, m: Manifest, gens: list[int]) -> dict[int, int]:
+        return {
+            g: sum(self.volume.outbox_file(d, g).stat().st_size for d in m.disk_names) for g in gens
+        }
+
+    def _push_generations(
+        self, link: ReplicaLink, m: Manifest, gens: list[int], report: ShipReport
+    ) -> dict[tuple[str, int], str]:
+        """rsync the deltas of ``gens`` (one run per disk); ``{(disk, gen): checksum}`` seen."""
+        seen: dict[tuple[str, int], str] = {}
+        for disk in m.disk_names:
+            files = [self.volume.outbox_file(disk, g) for g in gens]
+            t0 = time.monotonic()
+            result = self.transport.push(link, files, remote_disk_dir(self.appliance, disk))
+            report.push_s += time.monotonic() - t0
+            report.bytes_sent += result.bytes_sent
+            report.files += len(files)
+            report.runs += 1
+            by_name = {PurePosixPath(name).name: c for name, (_, c) in result.files.items() if c}
+            for g in gens:
+                checksum = by_name.get(mf.generation_file(g), "")
+                if checksum:
+                    seen[(disk, g)] = checksum
+        return seen
+
+    def _ship_generation(
+        self,
+        link: ReplicaLink,
+        epoch: int,
+        gen: int,
+        reported: Mapping[tuple[str, int], str],
+        report: ShipReport,
+    ) -> None:
+        """Ask the replica to commit ``gen`` (its deltas are in its incoming directory)."""
         m = self.manifest()
         record = m.record(gen)
         if record is None:
@@ -556,12 +601,9 @@ class ApplianceSource:
         deltas: list[DiskDelta] = []
         for disk in m.disk_names:
             local = self.volume.outbox_file(disk, gen)
-            t0 = time.monotonic()
-            result = self.transport.push(link, local, remote_disk_dir(self.appliance, disk))
-            report.push_s += time.monotonic() - t0
-            report.bytes_sent += result.bytes_sent
-            report.files += 1
-            checksum = next((c for _, c in result.files.values() if c), "")
+            # rsync's own whole-file checksum of what it sent; none when it found the
+            # file already complete on the receiver (a retry): the recorded one, or read it
+            checksum = reported.get((disk, gen), "")
             if not checksum:
                 known = record.delta(disk)
                 checksum = known.checksum if known else sha1_file(local)
@@ -713,27 +755,58 @@ class ApplianceSource:
             record = self.freeze(epoch)
             report = CycleReport(self.appliance, epoch, record.generation, record.data_bytes)
             report.freeze_s = time.monotonic() - t0
+            # The merge folds frozen overlays into the bottom while the deltas ship
+            # (from their outbox links): it only moves data the chain already shows.
+            # Not while a replica may need a seed, which reads the frozen chain.
+            merger: _Background | None = None
+            merge_error: BaseException | None = None
+            if merge and links and not self._may_seed(links):
+                merger = _Background(self.merge, f"mc-merge-{self.appliance}")
             t1 = time.monotonic()
-            for link in links:
-                try:
-                    report.shipped[link.rack] = self.ship_to(link, epoch, on_progress=on_progress)
-                except StaleEpoch:
-                    raise  # this rack was fenced: stop everything for this appliance
-                except Conflict as exc:
-                    # a gap or a divergence: ask the replica afresh next time
-                    report.errors[link.rack] = str(exc)
-                    with self.volume.locked():
-                        self.volume.save(mf.forget_replica(self.volume.load(), link.rack))
-                except MeshcloudError as exc:
-                    report.errors[link.rack] = str(exc)
-            report.ship_s = time.monotonic() - t1
-            if merge:
+            try:
+                for link in links:
+                    try:
+                        report.shipped[link.rack] = self.ship_to(
+                            link, epoch, on_progress=on_progress
+                        )
+                    except StaleEpoch:
+                        raise  # this rack was fenced: stop everything for this appliance
+                    except Conflict as exc:
+                        # a gap or a divergence: ask the replica afresh next time
+                        report.errors[link.rack] = str(exc)
+                        with self.volume.locked():
+                            self.volume.save(mf.forget_replica(self.volume.load(), link.rack))
+                    except MeshcloudError as exc:
+                        report.errors[link.rack] = str(exc)
+            finally:
+                report.ship_s = time.monotonic() - t1
+                if merger is not None:
+                    merge_error = merger.wait()  # never leave it running past the cycle
+            if merger is not None:
+                if merge_error is not None:
+                    raise merge_error
+                report.merge_s = merger.seconds
+            elif merge:
                 t2 = time.monotonic()
                 self.merge()
                 report.merge_s = time.monotonic() - t2
             self.prune_outbox([link.rack for link in links])
             report.reason = _cycle_sentence(report)
             return report
+
+    def _may_seed(self, links: list[ReplicaLink]) -> bool:
+        """Whether shipping to ``links`` could need a seed (an unknown replica or a pruned outbox)."""
+        m = self.manifest()
+        for link in links:
+            acked = m.acked.get(link.rack)
+            if acked is None:
+                return True
+            for gen in range(acked + 1, m.generation + 1):
+                if m.record(gen) is None or not all(
+                    self.volume.outbox_file(d, gen).exists() for d in m.disk_names
+                ):
+                    return True
+        return False
 
     def final_sync(self, epoch: int, links: list[ReplicaLink]) -> CycleReport:
         """For a planned move: with the guest paused or stopped, ship the last writes.
@@ -748,6 +821,59 @@ class ApplianceSource:
                 f" {'; '.join(report.errors.values())}; do not move it yet"
             )
         return report
+
+
+def batch_generations(
+    gens: Sequence[int],
+    sizes: Mapping[int, int],
+    max_bytes: int,
+    max_count: int = BATCH_GENERATIONS,
+) -> list[list[int]]:
+    """Split pending generations, in order, into rsync runs of at most ``max_bytes``.
+
+    Every batch holds at least one generation (a larger one goes alone).
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for g in gens:
+        size = sizes.get(g, 0)
+        if current and (total + size > max_bytes or len(current) >= max_count):
+            batches.append(current)
+            current, total = [], 0
+        current.append(g)
+        total += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _Background:
+    """Run ``fn`` in a thread; :meth:`wait` waits and returns the error it raised, if any."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._fn = fn
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self._fn()
+        except BaseException as exc:  # handed to the joining thread
+            self._error = exc
+        self._seconds = time.monotonic() - t0
+
+    def wait(self) -> BaseException | None:
+        """Wait for the end; the error it raised, if any."""
+        self._thread.join()
+        return self._error
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
 
 
 def _rack_progress(

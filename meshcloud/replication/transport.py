@@ -229,14 +229,16 @@ def _common_rsync_options(settings: RsyncSettings) -> list[str]:
 
 def rsync_push_argv(
     target: SshTarget,
-    local_file: Path,
+    local_file: Path | Sequence[Path],
     remote_dir: str,
     settings: RsyncSettings,
     *,
     sparse: bool = False,
     progress: bool = False,
 ) -> list[str]:
-    """argv pushing one file into ``remote_dir/`` (relative to the receiver's incoming dir).
+    """argv pushing one file, or several in one run, into ``remote_dir/``.
+
+    ``remote_dir`` is relative to the receiver's incoming directory.
 
     The destination is a directory (the file keeps its name): rrsync pins
     an existing destination *file* in a way rsync cannot replace.
@@ -251,10 +253,13 @@ def rsync_push_argv(
         argv.append("--sparse")
     if progress:
         argv += ["--info=progress2", "--no-inc-recursive"]
+    files = [local_file] if isinstance(local_file, Path) else list(local_file)
+    if not files:
+        raise InvalidInput("rsync needs at least one file to push")
     argv += [
         "-e",
         rsync_rsh(target),
-        _safe_path("local file", local_file),
+        *(_safe_path("local file", f) for f in files),
         f"{target.destination}:{_remote_rel(remote_dir.rstrip('/'))}/",
     ]
     return argv

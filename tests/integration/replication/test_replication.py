@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshcloud.core.errors import Conflict
+from meshcloud.replication import manifest as mf
 from meshcloud.replication.source import ApplianceSource, ReplicaLink
 from meshcloud.replication.transport import RsyncSettings
 
@@ -39,6 +40,29 @@ def test_replica_follows_the_source(pair: Pair) -> None:
     # the source chain stays short: bottom + active
     assert len(pair.source.manifest().chain("data").files) == 2
     assert pair.source.lag_s("rack-b") < 60
+
+
+def test_pending_generations_ship_in_one_run_and_merge_meanwhile(pair: Pair) -> None:
+    pair.source.cycle(1, [pair.link])  # seed
+    assert not pair.source._may_seed([pair.link])
+    for i in range(4):  # four generations frozen while the replica was out of reach
+        pair.write(4096 * (11 * i + 1), 8192, 30 + i)
+        pair.source.freeze(1)
+    pair.write(1 << 20, 4096, 40)
+    report = pair.source.cycle(1, [pair.link])
+    assert not report.errors, report.errors
+    ship = report.shipped["rack-b"]
+    assert (ship.runs, ship.files) == (1, 5)
+    assert pair.replica_generation() == report.generation
+    for gen in range(report.generation - 4, report.generation + 1):
+        assert f"g{gen:012d}.qcow2" in pair.store.volume("app").load().chain("data").files
+    assert pair.replica_matches(report.generation)
+    # the merge ran alongside: the source chain is bottom + active again
+    assert len(pair.source.manifest().chain("data").files) == 2
+    # a replica this rack knows nothing about may need a seed: no merge alongside then
+    with pair.source.volume.locked():
+        pair.source.volume.save(mf.forget_replica(pair.source.volume.load(), "rack-b"))
+    assert pair.source._may_seed([pair.link])
 
 
 def test_first_cycle_seeds_with_progress(pair: Pair) -> None:

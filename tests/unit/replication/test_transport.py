@@ -82,6 +82,17 @@ def test_seed_push_is_sparse_with_progress() -> None:
     assert "--sparse" in argv and "--info=progress2" in argv
 
 
+def test_several_files_go_in_one_run() -> None:
+    files = [Path(f"/v/app/data/outbox/g00000000000{g}.qcow2") for g in (3, 4, 5)]
+    argv = rsync_push_argv(target(), files, "app/data", RsyncSettings())
+    assert argv[-4:-1] == [str(f) for f in files]
+    assert argv[-1] == "root@10.1.0.2:app/data/"
+    with pytest.raises(InvalidInput):
+        rsync_push_argv(target(), [], "app/data", RsyncSettings())
+    with pytest.raises(InvalidInput):
+        rsync_push_argv(target(), [files[0], Path("/v/a b")], "app/data", RsyncSettings())
+
+
 @pytest.mark.parametrize("bad", ["../x", "/abs", "a/../b", "-rf", "a b", "a;b"])
 def test_remote_paths_are_checked(bad: str) -> None:
     with pytest.raises(InvalidInput):
