@@ -179,7 +179,7 @@ class ReplicationWiring:
             self.volumes,
             link_for=self.link_for,
             live_for=self.live_for,
-            settings=EngineSettings(interval_s=r.interval_s),
+            settings=EngineSettings(interval_s=r.interval_s, max_interval_s=r.max_interval_s),
             on_event=self._engine_event,
         )
 

@@ -69,10 +69,42 @@ class ReplicationDuty:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """How often cycles run.
+
+    ``max_interval_s`` above ``interval_s`` lets an appliance's interval
+    stretch on a slow link (see :func:`next_interval`): each rsync run pays a
+    few round trips of handshake, so bigger, rarer deltas fill the link
+    better, at the cost of lag (at most about ``max_interval_s`` more).
+    """
+
     interval_s: float = 2.0
     merge_interval_s: float = 5.0
     workers: int = 2
     tick_s: float = 0.1
+    max_interval_s: float = 0.0  # 0 or <= interval_s: a fixed interval
+
+
+BUSY_HIGH = 0.5  # shipping took more than this share of the interval: double it
+BUSY_LOW = 0.25  # less than this share: halve it back towards interval_s
+
+
+def next_interval(settings: EngineSettings, current: float, push_s: float) -> float:
+    """An appliance's next interval, from the longest rsync time of its last cycle.
+
+    When shipping to a replica keeps its link busy more than half the
+    interval, the link, not the cycle, sets the pace: the interval doubles
+    (up to ``max_interval_s``), so each run carries more data for the same
+    handshake; below a quarter it halves back. The link then stays busy
+    between a quarter and a half of the time, with few handshakes.
+    """
+    low = settings.interval_s
+    high = max(low, settings.max_interval_s)
+    current = min(max(current, low), high)
+    if push_s > BUSY_HIGH * current:
+        return min(high, 2 * current)
+    if push_s < BUSY_LOW * current:
+        return max(low, current / 2)
+    return current
 
 
 @dataclass
@@ -86,6 +118,7 @@ class _State:
     cycles: int = 0
     failures: int = 0
     frozen_bytes: int = 0  # data_bytes of every generation frozen
+    interval_s: float = 0.0  # this appliance's interval now (0: the settings' interval_s)
     seconds: dict[str, float] = field(default_factory=dict)  # freeze, ship, merge, push, commit
 
 
@@ -209,7 +242,7 @@ class ReplicationEngine:
                 st = self._states.setdefault(name, _State())
                 if st.running or st.fenced_epoch is not None:
                     continue
-                if now - st.last_start < self.settings.interval_s:
+                if now - st.last_start < (st.interval_s or self.settings.interval_s):
                     continue
                 lag = max(self._lag_of(name, r, now) for r in duty.replicas) if duty.replicas else 0
                 items.append(TransferItem(name, ",".join(duty.replicas), duty.priority, lag))
@@ -265,6 +298,11 @@ class ReplicationEngine:
                 spent["commit"] = spent.get("commit", 0.0) + ship.commit_s
             for step, seconds in spent.items():
                 st.seconds[step] = st.seconds.get(step, 0.0) + seconds
+            pushes = [s.push_s for s in report.shipped.values() if not s.seeded]
+            if pushes:
+                st.interval_s = next_interval(
+                    self.settings, st.interval_s or self.settings.interval_s, max(pushes)
+                )
         if report.errors or any(s.seeded for s in report.shipped.values()):
             self._emit(report.reason)
         return report
@@ -343,6 +381,7 @@ class ReplicationEngine:
                 name: {
                     "cycles": float(st.cycles),
                     "frozen_bytes": float(st.frozen_bytes),
+                    "interval_s": st.interval_s or self.settings.interval_s,
                     **{f"{step}_s": round(v, 3) for step, v in st.seconds.items()},
                 }
                 for name, st in self._states.items()
