@@ -80,6 +80,20 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return out
 
 
+def cycle_stat(engine: Any, key: str) -> float:
+    return float(engine.cycle_stats().get("demo", {}).get(key, 0.0))
+
+
+async def wait_cycle_end(engine: Any, timeout_s: float = 300.0) -> None:
+    """Until the demo appliance's next cycle ends (polled every 20 ms)."""
+    n = cycle_stat(engine, "cycles")
+    deadline = time.monotonic() + timeout_s
+    while cycle_stat(engine, "cycles") == n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no replication cycle ended in {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
 def rx_bytes(ns: str) -> int:
     """Bytes the rack's mesh interface received (IP packets, headers and retransmissions too)."""
     from meshcloud.lab import plan
@@ -128,6 +142,7 @@ async def run(quick: bool) -> dict[str, Any]:
     hv = None
     engine = None
     sshd = None
+    libvirt_root: Path | None = None
     try:
         lab.up(racks=2, start_daemons=False, wait=False)
         r1, r2 = lab.rack("r1"), lab.rack("r2")
@@ -142,7 +157,8 @@ async def run(quick: bool) -> dict[str, Any]:
         netns.add_address(BRIDGE, f"{GATEWAY}/24", netns=vm_ns)
         image = await asyncio.to_thread(ensure_appliance)
         accel, _ = await asyncio.to_thread(choose_accel, "auto", image.kernel, image.initrd)
-        root = Path(tempfile.mkdtemp(prefix="mc-bl-", dir="/tmp")) / "libvirt"
+        libvirt_root = Path(tempfile.mkdtemp(prefix="mc-bl-", dir="/tmp"))  # short socket paths
+        root = libvirt_root / "libvirt"
         hv = LibvirtHypervisor(embed_uri(root), netns=vm_ns, label="lag")
         await hv.async_open()
         loop = asyncio.get_running_loop()
@@ -203,6 +219,19 @@ async def run(quick: bool) -> dict[str, Any]:
                 if recent and min(r.data_bytes for r in recent) >= want:
                     break
                 await asyncio.sleep(0.5)
+            # and until the interval has settled (it stretches on a slow link): the
+            # same interval at the end of two cycles in a row
+            deadline = time.monotonic() + 180
+            settled = cycle_stat(engine, "interval_s")
+            while time.monotonic() < deadline:
+                await wait_cycle_end(engine)
+                now_interval = cycle_stat(engine, "interval_s")
+                if now_interval == settled:
+                    break
+                settled = now_interval
+            # measured from the end of a cycle to the end of one, so that every figure
+            # covers the same whole cycles
+            await wait_cycle_end(engine)
             before = engine.transfer_stats().get("demo", {}).get("r2", (0, 0.0))
             gen_before = engine.source("demo").manifest().generation
             stats_before = engine.cycle_stats().get("demo", {})
@@ -211,11 +240,14 @@ async def run(quick: bool) -> dict[str, Any]:
             backlog: list[bool] = []
             rx_before = await asyncio.to_thread(rx_bytes, r2.netns)
             t0 = time.monotonic()
-            while time.monotonic() - t0 < phase["seconds"]:
+            last_cycle: float | None = None  # cycles ended when the time was up
+            while last_cycle is None or cycle_stat(engine, "cycles") == last_cycle:
                 samples.append(engine.lags()["demo"]["r2"])
                 # a backlog: some frozen generation the replica has not acknowledged
                 acked = engine.replica_generations().get("demo", {}).get("r2", 0)
                 backlog.append(acked < engine.source("demo").manifest().generation)
+                if last_cycle is None and time.monotonic() - t0 >= phase["seconds"]:
+                    last_cycle = cycle_stat(engine, "cycles")
                 await asyncio.sleep(0.2)
             wall = time.monotonic() - t0
             wire = await asyncio.to_thread(rx_bytes, r2.netns) - rx_before
@@ -280,6 +312,8 @@ async def run(quick: bool) -> dict[str, Any]:
         netns.delete_netns(vm_ns)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(control, ignore_errors=True)
+        if libvirt_root is not None:
+            shutil.rmtree(libvirt_root, ignore_errors=True)
     return results
 
 
