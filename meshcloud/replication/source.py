@@ -608,13 +608,8 @@ class ApplianceSource:
                 known = record.delta(disk)
                 checksum = known.checksum if known else sha1_file(local)
             deltas.append(DiskDelta(disk, mf.generation_file(gen), local.stat().st_size, checksum))
-        if not record.deltas:
-            with self.volume.locked():
-                cur = mf.record_checksums(self.volume.load(), gen, deltas)
-                self.volume.save(cur)
-                record = cur.record(gen) or record
-        else:
-            record = mf.replace_deltas(record, deltas)
+        new_checksums = not record.deltas
+        record = mf.replace_deltas(record, deltas)
         parent = (gen - 1, m.epoch_of(gen - 1))
         request = {
             "appliance": self.appliance,
@@ -625,12 +620,18 @@ class ApplianceSource:
         t0 = time.monotonic()
         self.transport.call(link, ["commit"], request)
         report.commit_s += time.monotonic() - t0
-        self._acknowledge(link.rack, gen)
+        # one durable manifest write for both: the checksums learnt while sending (a
+        # crash before it costs a re-read of the delta on a retry, nothing more) and
+        # the acknowledgement
+        self._acknowledge(link.rack, gen, deltas if new_checksums else None)
         report.to_generation = gen
 
-    def _acknowledge(self, rack: str, gen: int) -> None:
+    def _acknowledge(self, rack: str, gen: int, deltas: list[DiskDelta] | None = None) -> None:
         with self.volume.locked():
-            self.volume.save(mf.acknowledge(self.volume.load(), rack, gen))
+            m = self.volume.load()
+            if deltas is not None:
+                m = mf.record_checksums(m, gen, deltas)
+            self.volume.save(mf.acknowledge(m, rack, gen))
 
     # -- seeding -----------------------------------------------------------
 
