@@ -211,7 +211,9 @@ def main() -> int:
             (incoming / name).mkdir(parents=True)
             shutil.copyfile(base, incoming / name / "disk.raw")
         target = sshd.target(control)
-        link = ReplicaLink("rack-b", target, RsyncSettings(compress=False, fsync=True))
+        # as the daemon ships: rsync does not fsync, the replica's commit fsyncs each
+        # delta before it enters the chain and the manifest before it acknowledges
+        link = ReplicaLink("rack-b", target, RsyncSettings(compress=False))
         source = ApplianceSource.create(
             work / "source", "bench", {"data": size}, epoch=1,
             templates={"data": base}, template_format="raw",

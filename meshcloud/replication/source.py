@@ -489,11 +489,27 @@ class ApplianceSource:
         new_m = mf.freeze_primary(m, epoch, now, data_bytes)
         vs.save(new_m)
         self._empty_bytes = dict(empty)
-        for chain in new_m.disks:  # the overlay the next freeze will switch to
-            ready = self._next_overlay(chain.disk, gen + 2)
-            ready.unlink(missing_ok=True)
-            self.qemu(create_overlay_named_argv(ready, chain.top))
         return new_m
+
+    def prepare_next(self) -> None:
+        """Make, empty, the overlays the next freeze will switch to (off its critical path).
+
+        A cycle does it while (or after) shipping; a freeze that finds none
+        makes them itself. Any other prepared overlay is stale and removed.
+        """
+        m = self.manifest()
+        if m.role != Role.PRIMARY:
+            return
+        for chain in m.disks:
+            ready = self._next_overlay(chain.disk, m.generation + 2)
+            for stale in self.volume.disk_dir(chain.disk).glob(".next-*"):
+                if stale != ready:
+                    stale.unlink(missing_ok=True)
+            if not ready.exists():
+                tmp = ready.with_name(f".tmp{ready.name}")
+                tmp.unlink(missing_ok=True)
+                self.qemu(create_overlay_named_argv(tmp, chain.top))
+                os.rename(tmp, ready)  # never a half-made overlay under the name freeze uses
 
     def reconcile(self, epoch: int) -> bool:
         """After a crash between a snapshot and its manifest save, adopt what the guest uses.
@@ -762,7 +778,7 @@ class ApplianceSource:
             merger: _Background | None = None
             merge_error: BaseException | None = None
             if merge and links and not self._may_seed(links):
-                merger = _Background(self.merge, f"mc-merge-{self.appliance}")
+                merger = _Background(self._prepare_and_merge, f"mc-merge-{self.appliance}")
             t1 = time.monotonic()
             try:
                 for link in links:
@@ -787,13 +803,23 @@ class ApplianceSource:
                 if merge_error is not None:
                     raise merge_error
                 report.merge_s = merger.seconds
-            elif merge:
-                t2 = time.monotonic()
-                self.merge()
-                report.merge_s = time.monotonic() - t2
+            else:
+                self._prepare_next_quietly()
+                if merge:
+                    t2 = time.monotonic()
+                    self.merge()
+                    report.merge_s = time.monotonic() - t2
             self.prune_outbox([link.rack for link in links])
             report.reason = _cycle_sentence(report)
             return report
+
+    def _prepare_next_quietly(self) -> None:
+        with contextlib.suppress(MeshcloudError):  # the next freeze makes them itself
+            self.prepare_next()
+
+    def _prepare_and_merge(self) -> None:
+        self._prepare_next_quietly()
+        self.merge()
 
     def _may_seed(self, links: list[ReplicaLink]) -> bool:
         """Whether shipping to ``links`` could need a seed (an unknown replica or a pruned outbox)."""

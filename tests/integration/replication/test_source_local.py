@@ -11,7 +11,7 @@ from meshcloud.core.errors import ReplicationError
 from meshcloud.replication.manifest import generation_file
 from meshcloud.replication.qemu import create_overlay_named_argv
 from meshcloud.replication.source import ApplianceSource
-from meshcloud.replication.volume import default_qemu_runner
+from meshcloud.replication.volume import default_qemu_runner, read_qcow2_header
 
 
 class FakeLive:
@@ -93,3 +93,23 @@ def test_a_template_is_copied_and_grown_to_the_asked_size(tmp_path: Path) -> Non
         ApplianceSource.create(
             tmp_path / "w", "app", {"data": 4 << 20}, epoch=1, templates={"data": template}
         )
+
+
+def test_the_next_overlay_is_prepared_after_shipping_and_used_by_the_next_freeze(
+    tmp_path: Path,
+) -> None:
+    src = ApplianceSource.create(tmp_path, "app", {"data": 8 << 20}, epoch=1)
+    ddir = src.volume.disk_dir("data")
+    (ddir / ".next-g000000000007.qcow2").write_bytes(b"stale")
+    src.cycle(1, [])
+    m = src.manifest()
+    ready = ddir / f".next-{generation_file(m.generation + 2)}"
+    assert ready.exists()
+    assert [p.name for p in ddir.glob(".next-*")] == [ready.name]  # the stale one is gone
+    assert read_qcow2_header(ready).backing_name == m.chain("data").top
+    src.freeze(1)
+    assert not ready.exists()  # the freeze switched to it
+    assert src.active_paths()["data"].name == generation_file(m.generation + 2)
+    # a freeze that finds none makes its own
+    src.freeze(1)
+    assert src.manifest().generation == m.generation + 2
