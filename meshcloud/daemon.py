@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -34,6 +35,20 @@ if TYPE_CHECKING:
     from meshcloud.agent.replication_wiring import ReplicationWiring
 
 log = logging.getLogger("meshcloud.daemon")
+
+
+RACK_RUNTIME_MODULES = (
+    "meshcloud.agent.replication_wiring",
+    "meshcloud.agent.runtime",
+    "meshcloud.agent.divergence",
+    "meshcloud.agent.drill",
+)
+
+
+def _load_rack_runtime() -> None:
+    """Import what a rack needs once it is in its cluster (see Daemon._join_cluster)."""
+    for name in RACK_RUNTIME_MODULES:
+        importlib.import_module(name)
 
 
 class Daemon:
@@ -104,11 +119,6 @@ class Daemon:
 
     async def _join_cluster(self) -> None:
         store = await self.membership.establish()
-        # Imported once the rack is in the cluster: replication and the hypervisor are
-        # not needed to form it, and racks starting together share the CPU.
-        from meshcloud.agent.replication_wiring import ReplicationWiring
-        from meshcloud.agent.runtime import run_appliance_loops
-
         self.store = store
         t = self.cfg.timers
         self.lease = LeaseKeeper(
@@ -119,9 +129,17 @@ class Daemon:
             fence_ahead_s=t.pause_ahead_s,
         )
         self._spawn(self.lease.run(), "lease")
+        # The API serves the map from now on, before the rest of the rack loads.
+        self.control.attach(store, self.lease)
+        # Imported once the rack is in the cluster: replication and the hypervisor are
+        # not needed to form it, and racks starting together share the CPU. In a thread,
+        # so that the API and Raft keep answering meanwhile.
+        await asyncio.to_thread(_load_rack_runtime)
+        from meshcloud.agent.replication_wiring import ReplicationWiring
+        from meshcloud.agent.runtime import run_appliance_loops
+
         self.wiring = ReplicationWiring(self.cfg, store, self.control.add_event)
         await self.wiring.async_start()
-        self.control.attach(store, self.lease)
         self._spawn(
             self.control.follow_leader(api_token(self.secret), tls=self.peer_tls), "leader-view"
         )

@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from meshcloud.agent.rack import CycleHooks
+from meshcloud.agent.hooks import CycleHooks
 from meshcloud.agent.watchdog import Watchdog
 
 log = logging.getLogger("meshcloud.watchdog")

@@ -43,6 +43,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from meshcloud.agent.executor import ActionExecutor
+from meshcloud.agent.hooks import CycleHooks
 from meshcloud.clock import now as clock_now
 from meshcloud.core.errors import MeshcloudError, ReplicationError
 from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot, MovePhase
@@ -173,26 +174,6 @@ class _StartFailure:
     count: int
     last_at: float
     message: str
-
-
-class CycleHooks:
-    """What the daemon hooks into each agent cycle (fencing; see meshcloud.agent.fencing).
-
-    The base class does nothing: tests and racks without a watchdog use it.
-    """
-
-    def lease_seen(self, held: bool) -> None:
-        """Called every cycle with whether the lease is held (replication fences on loss)."""
-
-    def may_run(self) -> None:
-        """Called right before a Start or Resume runs (the watchdog is armed here)."""
-
-    def nothing_runs(self) -> None:
-        """Called after a cycle without the lease once no domain is active (disarm)."""
-
-    def wake_in(self) -> float | None:
-        """Seconds until the agent must run a cycle anyway (the lease's deadline), or None."""
-        return None
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from typing import Any
 
 from meshcloud import clock
 from meshcloud.agent.executor import ActionExecutor, HostSettings
+from meshcloud.agent.hooks import CycleHooks
 from meshcloud.agent.images import ImageCatalog
 from meshcloud.agent.leader import PlacementLoop
-from meshcloud.agent.rack import AgentSettings, CycleHooks, RackAgent, short_embed_uri
+from meshcloud.agent.rack import AgentSettings, RackAgent, short_embed_uri
 from meshcloud.agent.volumes import ApplianceVolumes
 from meshcloud.config import DaemonConfig
 from meshcloud.core.errors import MeshcloudError, ReplicationError
