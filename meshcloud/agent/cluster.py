@@ -51,6 +51,7 @@ def load_formation(state_dir: Path) -> FormationStatus:
             cluster_uuid=data.get("cluster_uuid"),
             leader=data.get("leader"),
             members=tuple(Member(**m) for m in data.get("members", [])),
+            founding=tuple(Member(**m) for m in data.get("founding", [])),
         )
     except (KeyError, TypeError, MeshcloudError) as exc:
         raise ConfigError(f"{path}: malformed ({exc}); restore it from a backup") from exc
@@ -63,6 +64,7 @@ def save_formation(state_dir: Path, status: FormationStatus) -> None:
         "cluster_uuid": status.cluster_uuid,
         "leader": status.leader,
         "members": [m.__dict__ for m in status.members],
+        "founding": [m.__dict__ for m in status.founding],
     }
     path = state_dir / FORMATION_FILE
     tmp = path.with_suffix(".tmp")
@@ -90,10 +92,27 @@ class Membership:
         self.secret = secret
         self.discovery = discovery
         self.reason = "looking for peers"
+        self.founding: tuple[Member, ...] = ()  # the founding voters a Join named
 
-    def _store(self, *, found: bool, peers: tuple[str, ...], cluster_uuid: str) -> SyncObjStore:
+    def _store(
+        self,
+        *,
+        found: bool,
+        peers: tuple[str, ...],
+        cluster_uuid: str,
+        founding: tuple[Member, ...] = (),
+    ) -> SyncObjStore:
+        """The Raft store; with ``founding`` naming this rack, it starts as a founding voter."""
+        me = self.cfg.rack.name
+        voter = any(m.name == me for m in founding)
         settings = RaftSettings.from_config(
-            self.cfg, self.secret, peers=peers, found=found, cluster_id=cluster_uuid
+            self.cfg,
+            self.secret,
+            peers=raft_peers(founding, me) if voter else peers,
+            found=found,
+            cluster_id=cluster_uuid,
+            founding_voter=voter,
+            founding_voters=tuple(m.name for m in founding) if found else (),
         )
         return SyncObjStore(settings)
 
@@ -129,7 +148,12 @@ class Membership:
                     await asyncio.to_thread(
                         save_formation, self.cfg.state_dir, self.discovery.status
                     )
-                    store = self._store(found=True, peers=(), cluster_uuid=decision.cluster_uuid)
+                    store = self._store(
+                        found=True,
+                        peers=(),
+                        cluster_uuid=decision.cluster_uuid,
+                        founding=self.discovery.status.founding,
+                    )
                     await store.start()
                     return store
                 if isinstance(decision, Join):
@@ -148,8 +172,12 @@ class Membership:
     async def _join(self, decision: Join) -> PlacementStore | None:
         me = self.cfg.rack.name
         store = self._store(
-            found=False, peers=raft_peers(decision.members, me), cluster_uuid=decision.cluster_uuid
+            found=False,
+            peers=raft_peers(decision.members, me),
+            cluster_uuid=decision.cluster_uuid,
+            founding=decision.founding,
         )
+        self.founding = decision.founding
         await store.start()
         try:
             await store.wait_for(lambda s: me in s.racks, timeout_s=JOIN_TIMEOUT_S)
@@ -177,10 +205,16 @@ class Membership:
             cluster_uuid=cluster_uuid,
             leader=leader if leader in state.racks else None,
             members=members,
+            # kept for racks of the founding set that join late (see FormationStatus)
+            founding=self.discovery.status.founding or self.founding,
         )
         if status != self.discovery.status:
             self.discovery.update_formation(
-                True, cluster_uuid, leader=status.leader, members=status.members
+                True,
+                cluster_uuid,
+                leader=status.leader,
+                members=status.members,
+                founding=status.founding,
             )
             await asyncio.to_thread(save_formation, self.cfg.state_dir, status)
 

@@ -38,6 +38,7 @@ from meshcloud.core.names import validate_name
 MAX_MEMBERS = 256
 MAX_CANDIDATES = 256
 MAX_BOOTSTRAP_EXPECT = 64
+MAX_FOUNDING_VOTERS = 5  # the largest voter group (core.state.ALLOWED_MAX_VOTERS)
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -92,18 +93,29 @@ class FormationStatus:
     ``formed`` is True once the rack has founded or joined a cluster, and it
     never goes back to False on that rack. ``leader`` is the rack it believes
     leads (a hint, may be stale), ``members`` the racks it knows in the cluster.
+    ``founding`` names the cluster's founding voters, as the founder chose
+    them when it founded (empty if it founded alone, or for a cluster formed
+    before founding voters existed): a rack of that list that joins with no
+    Raft state starts as a voter of that static group at once, instead of as
+    a follower promoted later (docs/discovery.md, "Founding voters").
     """
 
     formed: bool = False
     cluster_uuid: str | None = None
     leader: str | None = None
     members: tuple[Member, ...] = ()
+    founding: tuple[Member, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.formed, bool):
             raise InvalidInput("formation status: formed must be true or false")
         if not self.formed:
-            if self.cluster_uuid is not None or self.leader is not None or self.members:
+            if (
+                self.cluster_uuid is not None
+                or self.leader is not None
+                or self.members
+                or self.founding
+            ):
                 raise InvalidInput(
                     "formation status: an unformed rack has no cluster uuid, leader or members"
                 )
@@ -120,6 +132,15 @@ class FormationStatus:
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise InvalidInput("formation status: member names must be unique")
+        if not isinstance(self.founding, tuple) or not all(
+            isinstance(m, Member) for m in self.founding
+        ):
+            raise InvalidInput("formation status: founding must be a tuple of Member")
+        if len(self.founding) > MAX_FOUNDING_VOTERS:
+            raise InvalidInput(f"formation status: at most {MAX_FOUNDING_VOTERS} founding voters")
+        founders = [m.name for m in self.founding]
+        if len(set(founders)) != len(founders):
+            raise InvalidInput("formation status: founding voter names must be unique")
 
 
 NOT_FORMED = FormationStatus()
@@ -189,6 +210,11 @@ class Join:
     leader: str | None
     members: tuple[Member, ...]
     reported_by: tuple[str, ...]
+    founding: tuple[Member, ...] = ()  # the cluster's founding voters, as reported
+
+    def founding_voter(self, name: str) -> bool:
+        """Whether rack ``name`` is one of the cluster's founding voters."""
+        return any(m.name == name for m in self.founding)
 
     def contacts(self) -> tuple[str, ...]:
         """Member names in the order to ask: the believed leader first, then by name."""
@@ -259,6 +285,8 @@ def _join(formed: Mapping[str, PeerReport]) -> Join:
             if report.status.leader is not None:
                 votes[report.status.leader] = votes.get(report.status.leader, 0) + 1
         leader = min(votes, key=lambda n: (-votes[n], n)) if votes else None
+    # The founding voters: every reporter that knows them got them from the founder.
+    founding = next((r.status.founding for r in reports if r.status.founding), ())
     reporters = tuple(r.name for r in reports)
     reason = f"rack(s) {_names(reporters)} report the formed cluster {chosen}"
     reason += f"; asking {leader} to add this rack" if leader else "; its leader is not known yet"
@@ -275,6 +303,7 @@ def _join(formed: Mapping[str, PeerReport]) -> Join:
         leader=leader,
         members=tuple(members[n] for n in sorted(members)),
         reported_by=reporters,
+        founding=founding,
     )
 
 

@@ -320,12 +320,37 @@ def choose_voters(
         counts = per_site(keep)
         victim = max(keep, key=lambda n: (n not in racks, counts[site_of(n)], n))
         keep.remove(victim)
-    spare = sorted(n for n in racks if n not in keep)
+    _fill(keep, sorted(n for n in racks if n not in keep), site_of, target)
+    return tuple(sorted(keep))
+
+
+def _fill(keep: list[str], spare: list[str], site_of: Callable[[str], str], target: int) -> None:
+    """Give free seats to the rack of the site with the fewest voters (then by site, name)."""
     while len(keep) < target and spare:
-        counts = per_site(keep)
+        counts: dict[str, int] = {}
+        for n in keep:
+            counts[site_of(n)] = counts.get(site_of(n), 0) + 1
         pick = min(spare, key=lambda n: (counts.get(site_of(n), 0), site_of(n), n))
         keep.append(pick)
         spare.remove(pick)
+
+
+def founding_voters(founder: str, sites: Mapping[str, str], max_voters: int) -> tuple[str, ...]:
+    """The voters a new cluster starts with, from its founding racks (name -> site).
+
+    The founder always has a seat (it starts the group, and a group it is not
+    part of would be a second one); the other seats follow the rule of
+    :func:`choose_voters`: an odd number, at most ``max_voters``, spread over
+    the sites. ``cluster_init`` names them, and they start as one static
+    Raft group (docs/discovery.md, "Founding voters").
+    """
+    if max_voters not in ALLOWED_MAX_VOTERS:
+        raise InvalidInput(f"max_voters must be 1, 3 or 5, not {max_voters!r}")
+    if founder not in sites:
+        raise InvalidInput(f"the founder {founder} must be one of the founding racks")
+    keep = [founder]
+    spare = sorted(n for n in sites if n != founder)
+    _fill(keep, spare, lambda n: sites[n], voter_count(len(sites), max_voters))
     return tuple(sorted(keep))
 
 

@@ -210,6 +210,7 @@ class RackReport:
             "cluster_uuid": self.status.cluster_uuid,
             "leader": self.status.leader,
             "members": [_member_dict(m) for m in self.status.members],
+            "founding": [_member_dict(m) for m in self.status.founding],
             "candidates": sorted(self.candidates),
             "known": [_member_dict(m) for m in self.known],
         }
@@ -237,6 +238,8 @@ REPORT_KEYS = frozenset(
     }
 )
 MEMBER_KEYS = frozenset({"name", "address", "raft_port", "api_port"})
+# Fields a report may leave out (racks of an older version did not send them).
+OPTIONAL_REPORT_KEYS = frozenset({"founding"})
 
 
 def canonical_json(data: Any) -> str:
@@ -248,10 +251,12 @@ def report_to_json(report: RackReport) -> str:
     return canonical_json(report.to_dict())
 
 
-def _object(what: str, data: object, keys: frozenset[str]) -> dict[str, Any]:
+def _object(
+    what: str, data: object, keys: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput(f"{what} must be a JSON object")
-    unknown = sorted(str(k)[:40] for k in data if k not in keys)
+    unknown = sorted(str(k)[:40] for k in data if k not in keys | optional)
     if unknown:
         raise InvalidInput(f"{what}: unknown field(s) {', '.join(unknown)}")
     missing = sorted(keys - set(data))
@@ -272,8 +277,9 @@ def _members(key: str, raw: object) -> list[Member]:
 
 def report_from_dict(data: object) -> RackReport:
     """Validate a decoded report; raises InvalidInput naming the broken field."""
-    doc = _object("report", data, REPORT_KEYS)
+    doc = _object("report", data, REPORT_KEYS, OPTIONAL_REPORT_KEYS)
     members = _members("members", doc["members"])
+    founding = _members("founding", doc.get("founding", []))
     known = _members("known", doc["known"])
     candidates_raw = doc["candidates"]
     if not isinstance(candidates_raw, list) or len(candidates_raw) > MAX_CANDIDATES:
@@ -287,6 +293,7 @@ def report_from_dict(data: object) -> RackReport:
         cluster_uuid=doc["cluster_uuid"],
         leader=doc["leader"],
         members=tuple(members),
+        founding=tuple(founding),
     )
     return RackReport(
         name=doc["name"],

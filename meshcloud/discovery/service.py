@@ -39,6 +39,7 @@ from meshcloud.core.formation import (
     validate_port,
 )
 from meshcloud.core.names import validate_name
+from meshcloud.core.state import founding_voters
 from meshcloud.discovery import admission
 from meshcloud.discovery.admission import (
     AdmissionFailed,
@@ -128,6 +129,7 @@ class Discovery:
         secret: str,
         *,
         bootstrap_expect: int,
+        max_voters: int = 5,
         status: FormationStatus = NOT_FORMED,
         static_peers: Sequence[str] = (),
         mdns: bool = True,
@@ -141,6 +143,7 @@ class Discovery:
         self.tls = tls
         self.keys = ClusterKeys.from_secret(secret)
         self.bootstrap_expect = bootstrap_expect
+        self.max_voters = max_voters
         self.static_peers = tuple(parse_peer(p) for p in static_peers)
         self.use_mdns = mdns
         self.refresh_s = refresh_s
@@ -181,6 +184,7 @@ class Discovery:
             rack,
             secret,
             bootstrap_expect=cfg.cluster.bootstrap_expect,
+            max_voters=cfg.cluster.max_voters,
             status=status,
             static_peers=cfg.cluster.peers,
             mdns=cfg.cluster.mdns,
@@ -291,9 +295,25 @@ class Discovery:
                     cluster_uuid=decision.cluster_uuid,
                     leader=self.rack.name,
                     members=(self.rack.member(),),
+                    founding=self._founding_voters(decision.founding_set),
                 )
             )
         return decision
+
+    def _founding_voters(self, founding_set: Sequence[str]) -> tuple[Member, ...]:
+        """The founding racks that start as one static Raft group (core.state.founding_voters).
+
+        Empty when this rack founds alone: it is then its group's only voter.
+        """
+        if len(founding_set) < 2:
+            return ()
+        me = self.rack.member()
+        known: dict[str, tuple[str, Member]] = {me.name: (self.rack.site, me)}
+        for name, peer in self._peers.items():
+            r = peer.report
+            known[name] = (r.site, Member(r.name, r.address, r.raft_port, r.api_port))
+        sites = {n: known[n][0] for n in founding_set}
+        return tuple(known[n][1] for n in founding_voters(me.name, sites, self.max_voters))
 
     def update_formation(
         self,
@@ -302,6 +322,7 @@ class Discovery:
         *,
         leader: str | None = None,
         members: Sequence[Member] = (),
+        founding: Sequence[Member] = (),
     ) -> None:
         """Set this rack's formation status (sync); the TXT record follows shortly.
 
@@ -309,7 +330,11 @@ class Discovery:
         both raise InvalidInput.
         """
         status = FormationStatus(
-            formed=formed, cluster_uuid=cluster_uuid, leader=leader, members=tuple(members)
+            formed=formed,
+            cluster_uuid=cluster_uuid,
+            leader=leader,
+            members=tuple(members),
+            founding=tuple(founding),
         )
         if self._status.formed and not status.formed:
             raise InvalidInput("a formed rack cannot become unformed again")

@@ -575,6 +575,7 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         self._prevote_term: int | None = None
         self._prevote_votes: set[str] = set()
         self._prevote_won = False
+        self._stand_on_quorum = False  # see stand_when_quorum_connected
         self._sent_marker: tuple[int, int] = (0, 0)
         self._last_members_sent = 0.0
         self._command_filter = command_filter
@@ -596,6 +597,29 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         if self._SyncObj__otherNodes:
             raise RuntimeError("stand_at_once is for a group of one voter")
         self._SyncObj__raftElectionDeadline = 0.0
+
+    def stand_when_quorum_connected(self) -> None:
+        """Stand at the first tick where a majority of the group is connected (a founder).
+
+        A new group's first election otherwise waits a whole random election
+        timeout after start, although its members start within a moment of each
+        other. Standing early is safe (elections never depend on timers for
+        safety); it is done once, on term 0, and only by the founder, so that
+        the founding voters do not split their votes.
+        """
+        self._stand_on_quorum = True
+
+    def _maybe_stand_early(self) -> None:
+        if not self._stand_on_quorum:
+            return
+        if self.raftCurrentTerm > 0 or self._SyncObj__raftLeader is not None:
+            self._stand_on_quorum = False
+            return
+        others = self._SyncObj__otherNodes
+        connected = sum(1 for n in others if n in self._SyncObj__connectedNodes)
+        if connected + 1 > (len(others) + 1) / 2:
+            self._stand_on_quorum = False
+            self._SyncObj__raftElectionDeadline = 0.0
 
     # -- private library state, by name ---------------------------------------------------
     @property
@@ -711,6 +735,7 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
             # A rack rebuilding its state must not lead: its map would be empty.
             self._SyncObj__raftElectionDeadline = time.monotonic() + 3600.0
             return
+        self._maybe_stand_early()
         self._maybe_prevote()
 
     # -- explaining itself ------------------------------------------------------------------------

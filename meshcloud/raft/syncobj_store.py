@@ -88,6 +88,10 @@ class RaftSettings:
     secret: str = field(repr=False)
     peers: tuple[str, ...] = ()  # host:raft_port of members to contact when joining
     found: bool = False  # found a new cluster (only if this rack has no Raft state yet)
+    # A founding voter (named by the founder) with no Raft state starts as a voter of the
+    # static group ``peers`` + itself, instead of as a follower promoted later.
+    founding_voter: bool = False
+    founding_voters: tuple[str, ...] = ()  # the founder's cluster_init names them (rack names)
     cluster_id: str = ""
     max_voters: int = 5
     raft_min_timeout_s: float = 0.2
@@ -95,7 +99,7 @@ class RaftSettings:
     append_period_s: float = 0.05
     connection_timeout_s: float = 1.5
     leader_fallback_s: float = 1.0
-    connection_retry_s: float = 0.5
+    connection_retry_s: float = 0.2
     compaction_min_entries: int = 5000
     compaction_min_time_s: float = 300.0
     propose_timeout_s: float = 3.0
@@ -115,6 +119,8 @@ class RaftSettings:
         peers: tuple[str, ...] = (),
         found: bool = False,
         cluster_id: str = "",
+        founding_voter: bool = False,
+        founding_voters: tuple[str, ...] = (),
     ) -> RaftSettings:
         """Settings for the daemon's rack, from its validated configuration."""
         t = cfg.timers
@@ -135,6 +141,8 @@ class RaftSettings:
             peers=peers,
             found=found,
             cluster_id=cluster_id,
+            founding_voter=founding_voter,
+            founding_voters=founding_voters,
             max_voters=cfg.cluster.max_voters,
             raft_min_timeout_s=t.raft_min_timeout_s,
             raft_max_timeout_s=t.raft_max_timeout_s,
@@ -200,6 +208,9 @@ class SyncObjStore(PlacementStore):
         self._event = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._membership_busy = False
+        self._membership_changed = False
+        self._converting = False  # restarting the node in another role (see _convert)
+        self._node_back = asyncio.Event()
         self._saved_peers: list[str] = []
 
     # -- files ---------------------------------------------------------------------------------
@@ -237,8 +248,11 @@ class SyncObjStore(PlacementStore):
         if saved is not None:
             role, peers = saved
             peers = sorted((set(peers) | set(self.settings.peers)) - {me})
+        elif self.settings.founding_voter:
+            # one of the founding voters (the founder too): the static group ``peers`` + me
+            role, peers = "voter", sorted(set(self.settings.peers) - {me})
         elif self.settings.found:
-            role, peers = "voter", []
+            role, peers = "voter", []  # founding alone: ``peers`` are not asked
         else:
             role, peers = "follower", sorted(set(self.settings.peers) - {me})
             if not peers:
@@ -265,6 +279,9 @@ class SyncObjStore(PlacementStore):
             # stands now instead of after an election timeout (0.6-1.4 s that every
             # rack waiting to join would wait too).
             self._node.stand_at_once()
+        elif founding:
+            # A founder with founding voters: stand as soon as a majority is connected.
+            self._node.stand_when_quorum_connected()
         self._role = role
         await asyncio.to_thread(
             self._write_role, role, peers + ([self.settings.address] if role == "voter" else [])
@@ -304,7 +321,14 @@ class SyncObjStore(PlacementStore):
     # -- the tick thread side ------------------------------------------------------------------
     def _on_tick(self, node: HardenedSyncObj) -> None:
         """Runs in the Raft thread after every tick: publish the view and the map."""
-        self._view = node.raft_view()
+        view = node.raft_view()
+        before, self._view = self._view, view
+        if before is None or any(before[k] != view[k] for k in ("leader", "is_leader", "voters")):
+            # the reconciler acts on the leader and the voters: wake it (see _reconcile_loop)
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._notify)
         machine = self._machine
         if machine is None or node is not self._node:
             return
@@ -391,6 +415,11 @@ class SyncObjStore(PlacementStore):
         return dict(raise_for_result(result))
 
     async def _submit(self, send: Any, timeout_s: float | None) -> Any:
+        limit = self.settings.propose_timeout_s if timeout_s is None else timeout_s
+        if self._node is None and self._converting:
+            # restarting as a voter or a follower takes a moment: wait for it, not fail
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._node_back.wait(), limit)
         node, machine = self._node, self._machine
         if node is None or machine is None:
             raise Unavailable(f"the Raft store of rack {self.settings.rack.name} is not running")
@@ -407,7 +436,6 @@ class SyncObjStore(PlacementStore):
 
         send(machine, callback)
         node.wake()
-        limit = self.settings.propose_timeout_s if timeout_s is None else timeout_s
         try:
             result, error = await asyncio.wait_for(future, limit)
         except TimeoutError:
@@ -442,14 +470,33 @@ class SyncObjStore(PlacementStore):
 
     # -- reconciling Raft membership with the map ------------------------------------------
     async def _reconcile_loop(self) -> None:
+        """Reconcile every period, and at once when the map, the leader or the voters change.
+
+        Waking on changes lets a joining rack propose its ``rack_join`` as soon as
+        ``cluster_init`` lands, instead of one period later. Role changes and Raft
+        membership changes keep the period's pace (only on the periodic rounds): a
+        rack restarting its node cannot take writes for a moment, and pysyncobj
+        needs one membership change to settle before the next (docs/raft.md).
+        """
+        loop = asyncio.get_running_loop()
+        last_round = -1e9
         while True:
+            changed = self._changed()
+            self._membership_changed = False
+            periodic = loop.time() - last_round >= self.settings.reconcile_period_s
+            if periodic:
+                last_round = loop.time()
             try:
-                await self._reconcile_once()
+                await self._reconcile_once(periodic)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("raft: reconcile failed; retrying")
-            await asyncio.sleep(self.settings.reconcile_period_s)
+            if self._membership_changed:
+                await asyncio.sleep(self.settings.reconcile_period_s)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self.settings.reconcile_period_s)
 
     async def _try(self, command: Mapping[str, Any]) -> None:
         try:
@@ -457,16 +504,18 @@ class SyncObjStore(PlacementStore):
         except Exception as exc:  # retried on the next round
             log.debug("raft: %s not done yet: %s", command.get("op"), exc)
 
-    async def _reconcile_once(self) -> None:
+    async def _reconcile_once(self, periodic: bool = True) -> None:
         view, state, s = self._view, self._published, self.settings
         if view is None or self._node is None:
             return
         name = s.rack.name
         if not state.cluster_id:
-            if s.found and self._role == "voter" and view["is_leader"]:
+            # The founder names the first voters; with founding voters, whoever of them
+            # leads commits it (the founder's command goes to the leader).
+            if s.found and self._role == "voter" and (view["is_leader"] or s.founding_voters):
                 await self._try(
                     {"op": "cluster_init", "cluster_id": s.cluster_id or name,
-                     "max_voters": s.max_voters, "voters": [name]}
+                     "max_voters": s.max_voters, "voters": list(s.founding_voters or (name,))}
                 )  # fmt: skip
             return
         current = state.racks.get(name)
@@ -475,6 +524,8 @@ class SyncObjStore(PlacementStore):
         if current != wanted:
             await self._try({"op": "rack_join", "rack": wanted.to_dict()})
             return
+        if not periodic:
+            return  # role and membership changes: on the periodic rounds only
         wanted_voter = name in state.voters
         if self._role == "follower" and wanted_voter:
             log.info("raft: the map names rack %s a voter: restarting as a voter", name)
@@ -507,9 +558,17 @@ class SyncObjStore(PlacementStore):
         actual = set(view["voters"])
         to_add = sorted(desired - actual)
         to_remove = sorted(actual - desired - {me})
+        if any(
+            (r := state.racks.get(v)) is None or not r.address or not r.raft_port
+            for v in state.voters
+        ):
+            # A voter the map names has not joined yet (a founding voter still starting):
+            # its address is not in the map, so it cannot be told from a stale one.
+            to_remove = []
         if not to_add and not to_remove:
             return
         self._membership_busy = True
+        self._membership_changed = True
         try:
             if to_add:
                 await self._membership("add", to_add[0])
@@ -520,8 +579,15 @@ class SyncObjStore(PlacementStore):
 
     async def _convert(self, role: str, view: Mapping[str, Any]) -> None:
         peers = sorted(set(view["voters"]) - {self.settings.address})
-        await self._stop_node()
-        await self._start_node(role, peers)
+        self._membership_changed = True
+        self._converting = True
+        self._node_back.clear()
+        try:
+            await self._stop_node()
+            await self._start_node(role, peers)
+        finally:
+            self._converting = False
+            self._node_back.set()
 
 
 def read_dump_state(dump_path: Path) -> PlacementState:

@@ -25,12 +25,19 @@ def test_staggered_start_late_join_and_restart_from_journal(lab_factory: MakeLab
         time.sleep(GAP_S)  # the gap is the scenario, not synchronisation
         lab.start_daemon(rack)
     uuid = wait_for(lambda: api.one_cluster(["r1", "r2", "r3"]), FORM_S, "one cluster of 3")
+    # the founding racks start as one voter group: none ran as a follower first
+    wait_for(lambda: _voters_everywhere(api, ["r1", "r2", "r3"]), 10, "three voters everywhere")
+    for rack in ("r1", "r2", "r3"):
+        log = (lab.log_dir(rack) / "daemon.log").read_text()
+        assert "runs as a voter" in log and "runs as a follower" not in log, rack
     assert wait_for(lambda: api.try_write("r2", "before-late"), 30, "a write")
     # a late rack joins the existing cluster (never founds another)
     late = lab.add_rack()
     racks = ["r1", "r2", "r3", late]
     assert wait_for(lambda: api.one_cluster(racks), FORM_S, "the late rack in the cluster") == uuid
     assert "before-late" in api.appliances(late)
+    # a late rack joins as before: a follower (four racks keep three voters)
+    assert "runs as a follower" in (lab.log_dir(late) / "daemon.log").read_text()
     # every rack loses power; each recovers the map from its own journal
     assert wait_for(lambda: api.try_write(late, "before-blackout"), 30, "a write")
     for rack in racks:

@@ -64,10 +64,23 @@ async def start_in_order(cluster: RaftCluster) -> None:
 
 
 async def writes_everywhere(cluster: RaftCluster, key: str, nodes: list[RaftNode]) -> list[str]:
+    """One write through each node, retried while the node answers Unavailable.
+
+    A rack that has just joined may be restarting as a voter, or waiting for
+    the leader to add it, for a moment: like any client, the test retries
+    (a write that timed out may still commit, so values are checked as a set).
+    """
     values = []
     for node in nodes:
         value = f"{key}-{node.name}"
-        answer = await node.append(key, value)
+
+        async def write(n: RaftNode = node, v: str = value) -> dict | None:
+            answer = await n.append(key, v)
+            if not answer["ok"] and answer.get("error") == "Unavailable":
+                return None
+            return answer
+
+        answer = await wait_until(write, 20.0, f"a write through {node.name}")
         assert answer["ok"], (node.name, answer)
         values.append(value)
     return values

@@ -493,3 +493,47 @@ def test_one_at_a_time_with_long_gaps() -> None:
     assert len(founders(racks)) == 1
     assert founders(racks)[0] == ("a", "c", "e")
     assert len({r.status.cluster_uuid for r in racks.values()}) == 1
+
+
+def test_join_carries_the_founding_voters() -> None:
+    founders = (member("a"), member("b"), member("c"))
+    status = FormationStatus(
+        formed=True, cluster_uuid=U1, leader="a", members=(member("a"),), founding=founders
+    )
+    # rack b saw the founder's report: it is a founding voter
+    decision = decide("b", NOT_FORMED, 3, peers(report("a", "b", "c", status=status)))
+    assert isinstance(decision, Join)
+    assert decision.founding == founders
+    assert decision.founding_voter("b")
+    assert not decision.founding_voter("d")
+    # a reporter without them (a rack that joined before they existed) does not hide them
+    plain = formed(U1, "a", "a", "e")
+    decision = decide(
+        "b", NOT_FORMED, 3, peers(report("e", "b", status=plain), report("a", "b", status=status))
+    )
+    assert isinstance(decision, Join)
+    assert decision.founding == founders
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"formed": False, "founding": (member("a"),)}, "an unformed rack"),
+        (
+            {"formed": True, "cluster_uuid": U1, "founding": (member("a"), member("a"))},
+            "founding voter names must be unique",
+        ),
+        (
+            {
+                "formed": True,
+                "cluster_uuid": U1,
+                "founding": tuple(member(f"r{i}") for i in range(6)),
+            },
+            "at most 5 founding voters",
+        ),
+        ({"formed": True, "cluster_uuid": U1, "founding": ["a"]}, "tuple of Member"),
+    ],
+)
+def test_founding_validation(kwargs: dict[str, object], text: str) -> None:
+    with pytest.raises(InvalidInput, match=text):
+        FormationStatus(**kwargs)  # type: ignore[arg-type]

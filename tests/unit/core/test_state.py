@@ -18,6 +18,7 @@ from meshcloud.core.state import (
     PlacementState,
     apply,
     choose_voters,
+    founding_voters,
     raise_for_result,
     validate_command,
     voter_count,
@@ -304,3 +305,21 @@ def test_every_op_is_documented() -> None:
 
     for op in OPS:
         assert op in (module.__doc__ or "")
+
+
+def test_founding_voters_seat_the_founder_and_spread_sites() -> None:
+    sites = {"a1": "a", "a2": "a", "a3": "a", "b1": "b", "c1": "c"}
+    assert founding_voters("a1", sites, 3) == ("a1", "b1", "c1")
+    assert founding_voters("a1", sites, 5) == ("a1", "a2", "a3", "b1", "c1")
+    # four racks: an odd number of voters
+    four = {"r1": "x", "r2": "x", "r3": "x", "r4": "x"}
+    assert founding_voters("r1", four, 5) == ("r1", "r2", "r3")
+    # the founder keeps a seat even where the site rule alone would not give it one
+    assert founding_voters("z9", {"z9": "z", "a1": "a"}, 1) == ("z9",)
+
+
+def test_founding_voters_refuse_bad_input() -> None:
+    with pytest.raises(InvalidInput, match="1, 3 or 5"):
+        founding_voters("r1", {"r1": "x"}, 4)
+    with pytest.raises(InvalidInput, match="founder r9"):
+        founding_voters("r9", {"r1": "x"}, 3)

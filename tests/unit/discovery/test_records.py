@@ -120,8 +120,29 @@ def test_report_round_trip() -> None:
         members=(Member("rack-b", "10.0.0.2", 7440, 8440),),
     )
     known = (Member("rack-b", "10.0.0.2", 7440, 8440), Member("rack-c", "fd00::3", 7440, 8440))
-    for report in (rack_report(), rack_report(status=formed, known=known)):
+    founding = FormationStatus(
+        formed=True,
+        cluster_uuid=UUID,
+        leader="rack-a",
+        members=(Member("rack-a", "10.0.0.1", 7440, 8440),),
+        founding=(
+            Member("rack-a", "10.0.0.1", 7440, 8440),
+            Member("rack-b", "10.0.0.2", 7440, 8440),
+        ),
+    )
+    for report in (
+        rack_report(),
+        rack_report(status=formed, known=known),
+        rack_report(status=founding),
+    ):
         assert report_from_json(report_to_json(report)) == report
+
+
+def test_a_report_without_founding_voters_still_parses() -> None:
+    """Racks of an earlier version do not send ``founding``: their reports stay valid."""
+    data = json.loads(report_to_json(rack_report()))
+    del data["founding"]
+    assert report_from_json(json.dumps(data)) == rack_report()
 
 
 def test_report_json_is_canonical() -> None:

@@ -139,6 +139,8 @@ async def test_three_racks_form_one_cluster_and_a_late_rack_joins(lab: Lab) -> N
     assert lab.found == ["rack-a"]
     uuids = {d.status.cluster_uuid for d in (a, b, c)}
     assert len(uuids) == 1
+    # the founder named the three founding racks as the first voters, with their addresses
+    assert a.status.founding == (a.rack.member(), b.rack.member(), c.rack.member())
     # the late rack knows only rack-c; it joins the same cluster and asks rack-a
     d = await lab.add("rack-d", 24, (addr(c),))
     await until(lambda: bool(d.peers) and d.peers["rack-c"].report.status.formed)
