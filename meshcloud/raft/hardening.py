@@ -201,6 +201,19 @@ class HardenedConnection(TcpConnection):  # type: ignore[misc]
         self.authenticated = False
         super().disconnect()
 
+    def abort(self) -> None:
+        """Close with a reset: what is still queued for the peer is thrown away, not sent.
+
+        A plain close would let the kernel deliver the send buffer when the path
+        comes back, minutes later perhaps: a proposal forwarded to a leader that
+        went silent, whose writer was long told it failed, would then commit.
+        """
+        sock = self._TcpConnection__socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.disconnect()
+
     def _header_ok(self) -> bool:
         buffer = self._TcpConnection__readBuffer
         if len(buffer) < 4:
@@ -826,9 +839,16 @@ class HardenedSyncObj(SyncObj):  # type: ignore[misc]
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
         if self._SyncObj__raftLeader is not None:
             # Not heard from the leader for an election timeout: forget it, so that
-            # proposals fail at once instead of waiting on a leader that is gone.
+            # proposals fail at once instead of waiting on a leader that is gone, and
+            # reset the connection to it, so that proposals forwarded to it and not yet
+            # delivered are dropped instead of committed when the path heals (their
+            # writers were told they failed). The transport reconnects.
+            old_leader = self._SyncObj__raftLeader
             self._SyncObj__onLeaderChanged()
             self._SyncObj__raftLeader = None
+            conn = self.transport._connections.get(old_leader)
+            if isinstance(conn, HardenedConnection):
+                conn.abort()
         if self.selfNode is None or not self._SyncObj__connectedToAnyone():
             return  # a follower that does not vote never stands; nor does a lone rack
         self._prevote_term = self.raftCurrentTerm + 1

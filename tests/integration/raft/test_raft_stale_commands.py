@@ -67,3 +67,39 @@ async def test_hardened_refuses_a_write_it_cannot_commit(
     result, took, history = await _write_while_cut_off(clusters("hardened", 3), firewall)
     assert not result["ok"] and took < 1.0, (result, took)
     assert "stale" not in history
+
+
+async def test_hardened_drops_a_write_forwarded_into_a_partition(
+    clusters: Callable[..., RaftCluster], firewall: LoopbackFirewall
+) -> None:
+    """A write forwarded to the leader just after the cut is not committed after the heal.
+
+    The rack still believes in its leader for up to an election timeout, so it
+    forwards the proposal: the bytes wait in the TCP connection's buffers, and
+    the kernel would deliver them when the path comes back, long after the
+    writer was told the write failed. The hardened rack resets that connection
+    when it forgets the leader, which throws them away.
+    """
+    cluster = clusters("hardened", 3)
+    await cluster.start_all()
+    leader = await cluster.leader()
+    rack = cluster.others(leader)[0]
+    firewall.partition([rack], cluster.others(rack))
+    result = await rack.append("h", "forwarded", timeout_s=2.0)  # at once, leader still believed
+    assert not result["ok"], result
+
+    async def leaderless() -> bool:
+        return (await rack.status())["leader"] is None
+
+    await wait_until(leaderless, 10.0, f"{rack.name} to know no leader")
+    firewall.heal()
+
+    async def caught_up() -> bool:
+        if not (await (await cluster.leader()).append("h", "barrier"))["ok"]:
+            return False
+        return "barrier" in await rack.values("h")
+
+    await wait_until(caught_up, 30.0, f"{rack.name} back in the cluster")
+    await asyncio.sleep(CUT_S)  # the stimulus: time for a delayed delivery to land
+    for node in cluster.nodes:
+        assert "forwarded" not in await node.values("h"), node.name
