@@ -1,6 +1,6 @@
 """Benchmark: meshcloud's delta cycle against rsync, on the same disk and the same changes.
 
-    python bench/replication.py [--quick] [--out FILE] [--size-gib S] [--reps N]
+    python bench/replication.py [--quick] [--out FILE] [--size-gib=S] [--reps=N]
 
 A disk of S GiB (4 GiB; 256 MiB with --quick) of random bytes exists three
 times at the source: as a raw file for the rsync baselines, and as
@@ -178,10 +178,12 @@ def qcow2_equals_raw(qcow2: Path, raw: Path) -> bool:
 
 
 def main() -> int:
-    args = parse_args("replication", __doc__.splitlines()[0])
+    own = [a for a in sys.argv[1:] if a.startswith(("--size-gib=", "--reps="))]
+    rest = [a for a in sys.argv[1:] if a not in own]
+    args = parse_args("replication", __doc__.splitlines()[0], rest)
     size_gib = 0.25 if args.quick else 4.0
     reps = 2 if args.quick else 3
-    for extra in sys.argv[1:]:
+    for extra in own:
         if extra.startswith("--size-gib="):
             size_gib = float(extra.split("=", 1)[1])
         if extra.startswith("--reps="):
