@@ -118,7 +118,7 @@ def test_site_yml_makes_a_rack_and_a_second_run_changes_nothing(
     check = in_root(debian_root, "/opt/meshcloud/venv/bin/meshcloud", "config", "check",
                     "/etc/meshcloud/daemon.yaml")  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "valid (rack rack-1, site north)" in check.stdout
+    assert "valid (rack rack-1, site north, TLS with the kit's CA)" in check.stdout
     # Its configuration: the kit's, with the host's overrides merged in.
     etc = debian_root / "etc" / "meshcloud"
     installed = yaml.safe_load((etc / "daemon.yaml").read_text())
