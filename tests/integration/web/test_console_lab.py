@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from meshcloud.lab.api import ApiError, LabApi
+from meshcloud.lab.api import LabApi
 from meshcloud.lab.browser import Forwarder, browser_unavailable, chromium, run_in_thread
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
 from meshcloud.lab.wait import wait_for
+from tests.integration.web.codes import spend_code_and_see_it_refused
 from tests.unit.web.fake_cluster import CODES, PASSWORDS, write_users
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -80,16 +81,7 @@ def test_console_in_chromium_on_a_lab(lab_factory: MakeLab, shots: Path) -> None
     victim = next(r for r in racks if r != leader)
     other = next(r for r in racks if r not in (leader, victim))
     # an emergency code spent through one rack is refused by every other
-    assert api.request(other, "POST", "/api/v1/session", {"code": CODES[0]})["emergency"]
-
-    def spent_on_leader() -> bool:
-        doc = api.get(leader, "/api/v1/console/users-doc")
-        return bool(doc["emergency_codes"][0]["used"])
-
-    wait_for(spent_on_leader, 15, "the spent code to reach the leader")
-    with pytest.raises(ApiError) as refused:
-        api.request(leader, "POST", "/api/v1/session", {"code": CODES[0]})
-    assert refused.value.status == 401
+    spend_code_and_see_it_refused(api, other, leader, CODES)
     with Forwarder(lab, leader) as fwd:
         run_in_thread(lambda: story(lab, api, fwd.url, leader, victim, shots))
 

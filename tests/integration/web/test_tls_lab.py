@@ -29,6 +29,7 @@ from meshcloud.lab.pki import write_ca
 from meshcloud.lab.plan import API_PORT
 from meshcloud.lab.pytest_plugin import MakeLab
 from meshcloud.lab.wait import wait_for
+from tests.integration.web.codes import spend_code_and_see_it_refused
 from tests.unit.web.fake_cluster import CODES, PASSWORDS, write_users
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -89,16 +90,7 @@ def test_a_tls_lab_speaks_https_between_racks(lab_factory: MakeLab, tmp_path: Pa
     wait_for(judged_by_leader, 30, f"{follower} to show {leader}'s judgement")
 
     # users sync over HTTPS: a code spent on the follower is spent on the leader too
-    assert api.request(follower, "POST", "/api/v1/session", {"code": CODES[0]})["emergency"]
-
-    def spent_on_leader() -> bool:
-        doc = api.get(leader, "/api/v1/console/users-doc")
-        return bool(doc["emergency_codes"][0]["used"])
-
-    wait_for(spent_on_leader, 15, "the spent code to reach the leader")
-    with pytest.raises(ApiError) as refused:
-        api.request(leader, "POST", "/api/v1/session", {"code": CODES[0]})
-    assert refused.value.status == 401
+    spend_code_and_see_it_refused(api, follower, leader, CODES)
 
     # a client trusting another CA is refused; plain HTTP gets no answer
     other_ca = write_ca(tmp_path / "other-kit", "other")
