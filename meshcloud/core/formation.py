@@ -123,24 +123,21 @@ class FormationStatus:
         validate_cluster_uuid(self.cluster_uuid)
         if self.leader is not None:
             validate_name("leader rack", self.leader)
-        if not isinstance(self.members, tuple) or not all(
-            isinstance(m, Member) for m in self.members
-        ):
-            raise InvalidInput("formation status: members must be a tuple of Member")
-        if len(self.members) > MAX_MEMBERS:
-            raise InvalidInput(f"formation status: at most {MAX_MEMBERS} members")
-        names = [m.name for m in self.members]
-        if len(set(names)) != len(names):
-            raise InvalidInput("formation status: member names must be unique")
-        if not isinstance(self.founding, tuple) or not all(
-            isinstance(m, Member) for m in self.founding
-        ):
-            raise InvalidInput("formation status: founding must be a tuple of Member")
-        if len(self.founding) > MAX_FOUNDING_VOTERS:
-            raise InvalidInput(f"formation status: at most {MAX_FOUNDING_VOTERS} founding voters")
-        founders = [m.name for m in self.founding]
-        if len(set(founders)) != len(founders):
-            raise InvalidInput("formation status: founding voter names must be unique")
+        _check_members(self.members, "members", "members", "member", MAX_MEMBERS)
+        _check_members(
+            self.founding, "founding", "founding voters", "founding voter", MAX_FOUNDING_VOTERS
+        )
+
+
+def _check_members(value: object, field: str, plural: str, singular: str, limit: int) -> None:
+    """A tuple of at most ``limit`` Member with unique names, else InvalidInput."""
+    if not isinstance(value, tuple) or not all(isinstance(m, Member) for m in value):
+        raise InvalidInput(f"formation status: {field} must be a tuple of Member")
+    if len(value) > limit:
+        raise InvalidInput(f"formation status: at most {limit} {plural}")
+    names = [m.name for m in value]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"formation status: {singular} names must be unique")
 
 
 NOT_FORMED = FormationStatus()
