@@ -26,14 +26,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import pytest
-
 from meshcloud.core.models import ApplianceSpec, DiskSpec, PortSpec
 from meshcloud.demo import demo_image_files, ensure_segment_address, seed_lab_image
 from meshcloud.hypervisor.reach import http_get
 from meshcloud.lab.api import LabApi
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
+from tests.integration.failover.scenario import LAB_VM
 
 from .helpers import (
     assigned,
@@ -45,12 +44,7 @@ from .helpers import (
     runs_where_the_map_says,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.vm,
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-]
+pytestmark = LAB_VM
 
 WaitFor = Callable[..., Any]
 PLACE_TIMEOUT_S = 90.0  # placement, image check, volumes, QEMU start: seconds, more under load

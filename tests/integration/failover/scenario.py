@@ -17,15 +17,14 @@ from meshcloud.lab.checker import InvariantChecker
 from meshcloud.lab.lab import Lab
 from meshcloud.lab.pytest_plugin import MakeLab
 
-# The marks of every test that runs the real demo appliance in a lab.
+# The marks of every test that runs the real demo appliance in a lab (the failover
+# tests and tests/integration/agent/test_appliances_lab.py).
 LAB_VM = [
     pytest.mark.slow,
     pytest.mark.vm,
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
-WaitFor = Callable[..., Any]
-
 WaitFor = Callable[..., Any]
 FORM_TIMEOUT_S = 90.0
 PLACE_TIMEOUT_S = 120.0  # placement, image check, volumes, QEMU start; more under load
