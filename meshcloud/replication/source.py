@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -775,10 +776,11 @@ class ApplianceSource:
             # The merge folds frozen overlays into the bottom while the deltas ship
             # (from their outbox links): it only moves data the chain already shows.
             # Not while a replica may need a seed, which reads the frozen chain.
-            merger: _Background | None = None
-            merge_error: BaseException | None = None
+            merger: Future[float] | None = None
+            pool: ThreadPoolExecutor | None = None
             if merge and links and not self._may_seed(links):
-                merger = _Background(self._prepare_and_merge, f"mc-merge-{self.appliance}")
+                pool = ThreadPoolExecutor(1, thread_name_prefix=f"mc-merge-{self.appliance}")
+                merger = pool.submit(self._prepare_and_merge)
             t1 = time.monotonic()
             try:
                 for link in links:
@@ -797,12 +799,10 @@ class ApplianceSource:
                         report.errors[link.rack] = str(exc)
             finally:
                 report.ship_s = time.monotonic() - t1
-                if merger is not None:
-                    merge_error = merger.wait()  # never leave it running past the cycle
+                if pool is not None:
+                    pool.shutdown()  # never leave the merge running past the cycle
             if merger is not None:
-                if merge_error is not None:
-                    raise merge_error
-                report.merge_s = merger.seconds
+                report.merge_s = merger.result()  # raises what the merge raised
             else:
                 self._prepare_next_quietly()
                 if merge:
@@ -817,9 +817,12 @@ class ApplianceSource:
         with contextlib.suppress(MeshcloudError):  # the next freeze makes them itself
             self.prepare_next()
 
-    def _prepare_and_merge(self) -> None:
+    def _prepare_and_merge(self) -> float:
+        """Prepare the next overlays and merge; the seconds it took."""
+        t0 = time.monotonic()
         self._prepare_next_quietly()
         self.merge()
+        return time.monotonic() - t0
 
     def _may_seed(self, links: list[ReplicaLink]) -> bool:
         """Whether shipping to ``links`` could need a seed (an unknown replica or a pruned outbox)."""
@@ -873,34 +876,6 @@ def batch_generations(
     if current:
         batches.append(current)
     return batches
-
-
-class _Background:
-    """Run ``fn`` in a thread; :meth:`wait` waits and returns the error it raised, if any."""
-
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
-        self._fn = fn
-        self._error: BaseException | None = None
-        self._seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        try:
-            self._fn()
-        except BaseException as exc:  # handed to the joining thread
-            self._error = exc
-        self._seconds = time.monotonic() - t0
-
-    def wait(self) -> BaseException | None:
-        """Wait for the end; the error it raised, if any."""
-        self._thread.join()
-        return self._error
-
-    @property
-    def seconds(self) -> float:
-        return self._seconds
 
 
 def _rack_progress(
