@@ -303,7 +303,7 @@ class ReplicationEngine:
                 st.interval_s = next_interval(
                     self.settings, st.interval_s or self.settings.interval_s, max(pushes)
                 )
-        if report.errors or any(s.seeded for s in report.shipped.values()):
+        if report.errors or report.merge_error or any(s.seeded for s in report.shipped.values()):
             self._emit(report.reason)
         return report
 

@@ -9,7 +9,12 @@ import pytest
 
 from meshcloud.core.errors import ReplicationError
 from meshcloud.replication.manifest import generation_file
-from meshcloud.replication.qemu import create_overlay_named_argv
+from meshcloud.replication.qemu import (
+    commit_argv,
+    create_overlay_named_argv,
+    parse_qcow2_header,
+    rebase_unsafe_argv,
+)
 from meshcloud.replication.source import ApplianceSource
 from meshcloud.replication.volume import default_qemu_runner, read_qcow2_header
 
@@ -113,3 +118,33 @@ def test_the_next_overlay_is_prepared_after_shipping_and_used_by_the_next_freeze
     # a freeze that finds none makes its own
     src.freeze(1)
     assert src.manifest().generation == m.generation + 2
+
+
+def test_a_merge_that_fails_is_deferred_not_a_failed_cycle(tmp_path: Path) -> None:
+    """A block commit refused (say, a reader holds a lock) leaves the chain and retries."""
+    src = ApplianceSource.create(tmp_path, "app", {"data": 8 << 20}, epoch=1)
+
+    class LockedOnce(FakeLive):
+        refusals = 1
+
+        def commit(self, disk: str, top: Path, base: Path) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise ReplicationError('Failed to get shared "consistent read" lock')
+            # what a live commit leaves: the base holds the data, the image above
+            # ``top`` reads from the base
+            default_qemu_runner(commit_argv(top))
+            for image in top.parent.glob("*.qcow2"):
+                if parse_qcow2_header(image.read_bytes()[:4096]).backing_name == top.name:
+                    default_qemu_runner(rebase_unsafe_argv(image, base.name))
+
+    live = LockedOnce({"data": str(src.active_paths()["data"])})
+    src.live = live
+    report = src.cycle(1, [])
+    assert "consistent read" in report.merge_error
+    assert "merge deferred" in report.reason
+    chain = src.manifest().chain("data")
+    assert len(chain.files) == 3  # bottom, the frozen generation 1, the active overlay
+    report = src.cycle(1, [])
+    assert report.merge_error == ""
+    assert len(src.manifest().chain("data").files) == 2  # both frozen overlays merged
