@@ -110,6 +110,13 @@ class NetworkConfig(_Strict):
 class HypervisorConfig(_Strict):
     uri: str = Field("", description="libvirt URI; empty = embedded driver under state_dir")
     kvm: str = Field("auto", description="auto | on | off: use KVM acceleration")
+    guest_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of appliances (0 = as the daemon): under contention the"
+        " control plane (leases, Raft, API, replication) runs first",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -119,7 +119,7 @@ async def _run_agent(
     rack = cfg.rack.name
     uri = await asyncio.to_thread(short_embed_uri, cfg.libvirt_uri())
     while True:
-        hv = LibvirtHypervisor(uri, label=rack)
+        hv = LibvirtHypervisor(uri, label=rack, guest_nice=cfg.hypervisor.guest_nice)
         try:
             await hv.async_open()
         except MeshcloudError as exc:

@@ -51,12 +51,14 @@ from meshcloud.hypervisor.domain_xml import (
     build_domain_xml,
     domain_name,
 )
+from meshcloud.hypervisor.priority import check_nice, deprioritise, qemu_pid_file, read_pid
 from meshcloud.lab.netns import NETNS_DIR, check_netns, enter_netns_for_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SYSTEM_URI = "qemu:///system"
+SYSTEM_RUN_DIR = Path("/run/libvirt")  # the system daemon's QEMU pid files: /run/libvirt/qemu/
 MAX_EMBED_ROOT_LEN = 48
 _EMBED_ROOT_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 EMBED_QEMU_CONF = """\
@@ -199,11 +201,14 @@ class LibvirtHypervisor(Hypervisor):
     network namespace. ``label`` names the thread in logs and stack dumps.
     """
 
-    def __init__(self, uri: str, *, netns: str | None = None, label: str = "hv") -> None:
+    def __init__(
+        self, uri: str, *, netns: str | None = None, label: str = "hv", guest_nice: int = 0
+    ) -> None:
         super().__init__()
         if uri != SYSTEM_URI and embed_root(uri) is None:
             raise InvalidInput(f"libvirt URI {uri!r}: use {SYSTEM_URI} or qemu:///embed?root=DIR")
         self.uri = uri
+        self.guest_nice = check_nice(guest_nice)
         self.netns = check_netns(netns) if netns is not None else None
         self.label = label
         self._conn: libvirt.virConnect | None = None
@@ -355,6 +360,24 @@ class LibvirtHypervisor(Hypervisor):
         if state is DomainState.PAUSED:
             raise Conflict(f"appliance {appliance} is paused: resume or destroy it, not start it")
         self._guarded("starting", appliance, dom.create)
+        self._deprioritise(appliance)
+
+    def _run_dir(self) -> Path:
+        root = embed_root(self.uri)
+        return root / "run" if root is not None else SYSTEM_RUN_DIR
+
+    def _deprioritise(self, appliance: str) -> None:
+        """Run the guest's QEMU at ``guest_nice`` (see meshcloud.hypervisor.priority)."""
+        if not self.guest_nice:
+            return
+        pid = read_pid(qemu_pid_file(self._run_dir(), domain_name(appliance)))
+        if pid is None:
+            log.warning(
+                "%s: no pid file for %s: its CPU priority is unchanged", self.label, appliance
+            )
+            return
+        with contextlib.suppress(ProcessLookupError):  # it exited at once: the agent sees it
+            deprioritise(pid, self.guest_nice)
 
     async def async_start(self, appliance: str) -> None:
         await self._call(self._start_sync, validate_name("appliance", appliance))

@@ -142,7 +142,7 @@ async def _scenario(rack_ns: str, tmp_path: Path) -> None:
     )
     # A short root: QEMU's monitor socket path under it must fit in 107 characters.
     root = Path(tempfile.mkdtemp(prefix="mc-hv-", dir="/tmp")) / "libvirt"
-    hv = LibvirtHypervisor(embed_uri(root), netns=rack_ns, label="test")
+    hv = LibvirtHypervisor(embed_uri(root), netns=rack_ns, label="test", guest_nice=7)
     await hv.async_open()
     events = hv.subscribe()
     try:
@@ -153,6 +153,13 @@ async def _scenario(rack_ns: str, tmp_path: Path) -> None:
         assert (await next_event(events, EventKind.STARTED)).detail == "booted"
         listed = await hv.async_list()
         assert listed["demo"].state is DomainState.RUNNING and listed["demo"].epoch == 3
+
+        # QEMU yields the CPU to the control plane: every thread and its autogroup.
+        qemu_pid = int((root / "run" / "qemu" / "mc-demo.pid").read_text())
+        tids = [int(t) for t in os.listdir(f"/proc/{qemu_pid}/task")]
+        assert tids and all(os.getpriority(os.PRIO_PROCESS, t) == 7 for t in tids)
+        autogroup = Path(f"/proc/{qemu_pid}/autogroup")
+        assert not autogroup.exists() or autogroup.read_text().split()[-1] == "7"
 
         # QEMU and its tap live in the rack's namespace, not in ours.
         assert netns.link_exists(tap_name("demo"), netns=rack_ns)
