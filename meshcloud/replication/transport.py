@@ -79,7 +79,10 @@ class SshTarget:
     connect_timeout_s: int = 10
     alive_interval_s: int = 5
     alive_count: int = 3
-    control_persist_s: int = 60
+    # the connection master outlives a quiet spell (an appliance that writes nothing, a
+    # long seed of another disk): a cycle after it needs no new SSH handshake. A dead
+    # peer still ends it after alive_interval_s x alive_count.
+    control_persist_s: int = 600
 
     def __post_init__(self) -> None:
         if self.netns is not None and not re.match(
