@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,29 @@ class LabStatus:
         }
 
 
+def write_ups_dev(path: Path, text: str, now: Callable[[], float] = time.time) -> None:
+    """Replace the dummy-ups file ``path`` with ``text`` so that the driver notices.
+
+    NUT's dummy-ups (2.8, a ``.dev`` file: mode dummy-once) re-reads the file
+    only when its mtime changed *in whole seconds* (it compares
+    ``st_mtim.tv_sec``): a second write within the same second as the one it
+    last read is never seen. So the new file's mtime is the current second,
+    or one second past the previous file's when that is not later (a burst of
+    writes runs a few seconds ahead of the clock, which is harmless).
+    """
+    try:
+        previous_s = path.stat().st_mtime_ns // 1_000_000_000
+    except FileNotFoundError:
+        previous_s = None
+    mtime_s = int(now())
+    if previous_s is not None and mtime_s <= previous_s:
+        mtime_s = previous_s + 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.utime(tmp, ns=(mtime_s * 1_000_000_000, mtime_s * 1_000_000_000))
+    os.replace(tmp, path)
+
+
 class Lab:
     """One lab, by name; its state lives in ``<root>/<name>/``.
 
@@ -205,18 +228,18 @@ class Lab:
     ) -> None:
         """Change what ``rack``'s UPS reports (``"OB DISCHRG"``, ``"OB LB"``, ``"OL CHRG"``).
 
-        Rewrites the dummy-ups driver's ``ups.dev`` atomically; the driver
-        re-reads it when it changes (within its poll interval, 2 s).
+        Rewrites the dummy-ups driver's ``ups.dev`` atomically
+        (:func:`write_ups_dev`); the driver re-reads it when it changes
+        (within its poll interval, 2 s).
         """
         plan.rack_index(rack)
-        with locked(self.root, self.name):
+        text = plan.ups_dev(status, charge_pct, runtime_s)
+        with locked(self.root, self.name):  # one writer at a time: mtimes only go up
             self._rack(self._state(), rack)  # the lab and the rack exist
-        path = self.nut_dir(rack) / "ups.dev"
-        if not path.exists():
-            raise LabError(f"rack {rack} has no UPS: start the lab with nut=True (--nut)")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(plan.ups_dev(status, charge_pct, runtime_s))
-        os.replace(tmp, path)
+            path = self.nut_dir(rack) / "ups.dev"
+            if not path.exists():
+                raise LabError(f"rack {rack} has no UPS: start the lab with nut=True (--nut)")
+            write_ups_dev(path, text)
 
     def fencer_socket(self, rack: str) -> Path:
         """The rack's fencing helper socket (the daemon arms it with its lease expiry)."""
