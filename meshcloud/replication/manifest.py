@@ -36,7 +36,7 @@ MAX_GENERATION = (1 << 62) - 1
 HISTORY_KEEP = 64  # generation records always kept (time spans of writes)
 HISTORY_MAX = 256  # and at most this many, for replicas that lag (then they are reseeded)
 _GEN_FILE_RE = re.compile(r"^g([0-9]{12})\.qcow2$")
-_CHECKSUM_RE = re.compile(r"^sha1:[0-9a-f]{40}$")
+_CHECKSUM_RE = re.compile(r"^(xxh128:[0-9a-f]{32}|sha1:[0-9a-f]{40})$")
 
 
 class StaleEpoch(Conflict):
@@ -101,7 +101,7 @@ class DiskDelta:
     disk: str
     file: str
     size_bytes: int
-    checksum: str  # "sha1:<hex>", the full-file checksum rsync reports
+    checksum: str  # "xxh128:<hex>" (or "sha1:<hex>"), the full-file checksum rsync reports
 
     def __post_init__(self) -> None:
         validate_name("disk", self.disk)
@@ -109,7 +109,8 @@ class DiskDelta:
         _check_generation(f"delta of disk {self.disk}: size_bytes", self.size_bytes)
         if not isinstance(self.checksum, str) or not _CHECKSUM_RE.match(self.checksum):
             raise InvalidInput(
-                f"delta of disk {self.disk}: checksum {self.checksum!r} must be sha1:<40 hex>"
+                f"delta of disk {self.disk}: checksum {self.checksum!r} must be"
+                " xxh128:<32 hex> or sha1:<40 hex>"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -78,9 +78,9 @@ from meshcloud.replication.volume import (
     QemuRunner,
     VolumeSet,
     default_qemu_runner,
+    file_checksum,
     fsync_dir,
     read_qcow2_header,
-    sha1_file,
 )
 
 VERB = "meshcloud-replica"
@@ -625,7 +625,7 @@ class ApplianceSource:
             checksum = reported.get((disk, gen), "")
             if not checksum:
                 known = record.delta(disk)
-                checksum = known.checksum if known else sha1_file(local)
+                checksum = known.checksum if known else file_checksum(local)
             deltas.append(DiskDelta(disk, mf.generation_file(gen), local.stat().st_size, checksum))
         new_checksums = not record.deltas
         record = mf.replace_deltas(record, deltas)
@@ -681,7 +681,7 @@ class ApplianceSource:
             remote = remote_disk_dir(self.appliance, chain.disk)
             progress = _rack_progress(on_progress, link.rack)
             result = self.transport.push(link, local, remote, sparse=True, on_progress=progress)
-            checksum = next((c for _, c in result.files.values() if c), "") or sha1_file(local)
+            checksum = next((c for _, c in result.files.values() if c), "") or file_checksum(local)
             report.bytes_sent += result.bytes_sent
             report.files += 1
             disks[chain.disk] = [chain.virtual_size, checksum]

@@ -30,13 +30,13 @@ from meshcloud.replication.volume import (
     INCOMING,
     QemuRunner,
     VolumeSet,
+    checksum_like,
     default_qemu_runner,
     fsync_dir,
     fsync_file,
     list_appliances,
     read_qcow2_header,
     rewrite_backing_name,
-    sha1_file,
     write_durably,
 )
 
@@ -240,7 +240,7 @@ class ReplicaStore:
                             f"{req.appliance}/{chain.disk}: delta of generation {gen} was not"
                             f" received ({inc.name} missing): ship it first"
                         )
-                    got = sha1_file(inc)
+                    got = checksum_like(inc, delta.checksum)
                     if got != delta.checksum:
                         inc.unlink()
                         raise ReplicationError(
@@ -309,7 +309,7 @@ class ReplicaStore:
                 inc = vs.incoming_dir(disk) / SEED_NAME
                 if not inc.exists():
                     raise Conflict(f"{req.appliance}/{disk}: seed file was not received: ship it")
-                got = sha1_file(inc)
+                got = checksum_like(inc, checksum)
                 if got != checksum:
                     inc.unlink()
                     raise ReplicationError(

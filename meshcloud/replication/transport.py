@@ -31,7 +31,7 @@ from meshcloud.core.names import validate_name
 SSH = "ssh"
 RSYNC = "rsync"
 OUT_FORMAT = "mcfile|%n|%l|%C"
-CHECKSUM_CHOICE = "sha1"
+CHECKSUM_CHOICE = "xxh128"  # volume.file_checksum computes the same
 _SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]+$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]+$")
 
@@ -346,7 +346,7 @@ def remote_disk_dir(appliance: str, disk: str) -> str:
 class RsyncResult:
     """What one rsync run reported: files transferred with their checksums, byte counts."""
 
-    files: dict[str, tuple[int, str]]  # name -> (size, "sha1:<hex>" or "")
+    files: dict[str, tuple[int, str]]  # name -> (size, "xxh128:<hex>" or "")
     bytes_sent: int
     bytes_received: int
     literal_bytes: int
@@ -367,6 +367,16 @@ def _stat_number(text: str) -> int:
     return int(text.replace(",", "").replace(".", ""))
 
 
+def _tagged_checksum(text: str) -> str:
+    """rsync's ``%C`` as ``<algorithm>:<hex>`` (by its length), or "" if it printed none."""
+    digest = text.strip().lower()
+    if re.fullmatch(r"[0-9a-f]{32}", digest):
+        return f"xxh128:{digest}"
+    if re.fullmatch(r"[0-9a-f]{40}", digest):
+        return f"sha1:{digest}"
+    return ""
+
+
 def parse_rsync_output(stdout: str) -> RsyncResult:
     """Parse the ``--out-format`` lines and ``--stats`` block of one rsync run."""
     files: dict[str, tuple[int, str]] = {}
@@ -378,11 +388,7 @@ def parse_rsync_output(stdout: str) -> RsyncResult:
         if len(parts) != 4:
             continue
         _, name, size, checksum = parts
-        digest = checksum.strip().lower()
-        files[name] = (
-            _stat_number(size),
-            f"sha1:{digest}" if re.match(r"^[0-9a-f]{40}$", digest) else "",
-        )
+        files[name] = (_stat_number(size), _tagged_checksum(checksum))
     stats = {}
     for key, pattern in _STAT_PATTERNS.items():
         match = pattern.search(stdout)

@@ -26,6 +26,9 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import xxhash
 
 from meshcloud.core.errors import Conflict, InvalidInput, NotFound, ReplicationError
 from meshcloud.core.names import validate_name
@@ -83,13 +86,33 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def sha1_file(path: Path) -> str:
-    """``sha1:<hex>`` of a file (the checksum rsync reports with --checksum-choice=sha1)."""
-    digest = hashlib.sha1(usedforsecurity=False)
+CHECKSUM_ALGORITHMS = ("xxh128", "sha1")  # the first is what new checksums use
+
+
+def file_checksum(path: Path, algorithm: str = CHECKSUM_ALGORITHMS[0]) -> str:
+    """``<algorithm>:<hex>`` of a file, as rsync's ``%C`` reports it for that checksum choice.
+
+    xxh128 (XXH3, 128 bits) is what rsync ships with now: about ten times
+    faster than SHA-1 on both sides, and as good at catching a damaged
+    transfer (the link itself is authenticated by SSH). SHA-1 is still
+    verified for checksums recorded before.
+    """
+    digest: Any
+    if algorithm == "xxh128":
+        digest = xxhash.xxh3_128()
+    elif algorithm == "sha1":
+        digest = hashlib.sha1(usedforsecurity=False)
+    else:
+        raise InvalidInput(f"checksum algorithm {algorithm!r}: use one of {CHECKSUM_ALGORITHMS}")
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return f"sha1:{digest.hexdigest()}"
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def checksum_like(path: Path, expected: str) -> str:
+    """The checksum of ``path`` with the algorithm ``expected`` names (to compare with it)."""
+    return file_checksum(path, expected.split(":", 1)[0])
 
 
 def read_qcow2_header(path: Path) -> Qcow2Header:

@@ -207,5 +207,8 @@ def test_record_checksums() -> None:
 
 
 def test_bad_checksum_is_refused() -> None:
-    with pytest.raises(InvalidInput, match="sha1"):
+    with pytest.raises(InvalidInput, match="xxh128:<32 hex> or sha1"):
         DiskDelta("data", generation_file(1), 5, "md5:abc")
+    with pytest.raises(InvalidInput):
+        DiskDelta("data", generation_file(1), 5, "xxh128:" + "ab" * 20)  # wrong length
+    assert DiskDelta("data", generation_file(1), 5, "xxh128:" + "ab" * 16).checksum

@@ -1,9 +1,12 @@
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from meshcloud.core.errors import InvalidInput
 from meshcloud.replication.transport import (
+    CHECKSUM_CHOICE,
     RsyncSettings,
     SshTarget,
     authorized_keys_line,
@@ -16,6 +19,7 @@ from meshcloud.replication.transport import (
     ssh_argv,
     ssh_options,
 )
+from meshcloud.replication.volume import checksum_like, file_checksum
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyFakeKeyFakeKeyFakeKeyFakeKey0 meshcloud-replication"
 
@@ -62,7 +66,7 @@ def test_rsync_push_never_inplace_and_resumable() -> None:
     assert argv[0] == "rsync"
     assert "--inplace" not in argv and "--whole-file" not in argv
     assert "--partial" in argv
-    assert "--checksum-choice=sha1" in argv
+    assert "--checksum-choice=xxh128" in argv
     assert "--bwlimit=2500" in argv and "--compress" in argv
     assert argv[-1] == "root@10.1.0.2:app/data/"
     assert argv[-2] == "/v/app/data/outbox/g000000000003.qcow2"
@@ -175,6 +179,9 @@ def test_parse_rsync_output() -> None:
     assert r.files == {
         "g000000000003.qcow2": (52428800, "sha1:1bce332ce1ee500ec346c397c1ffd891736aec78")
     }
+    xxh = parse_rsync_output("mcfile|g000000000004.qcow2|4,096|4A84DF93caaee1d424f07d94ed619f5f\n")
+    assert xxh.files == {"g000000000004.qcow2": (4096, "xxh128:4a84df93caaee1d424f07d94ed619f5f")}
+    assert parse_rsync_output("mcfile|g1.qcow2|4,096|\n").files == {"g1.qcow2": (4096, "")}
     assert (r.bytes_sent, r.bytes_received, r.literal_bytes, r.matched_bytes) == (
         52441329,
         35,
@@ -209,3 +216,25 @@ def test_ssh_can_run_inside_a_rack_namespace() -> None:
     assert argv[argv.index("-e") + 1].startswith("ip netns exec mcl-lab-r1 ssh ")
     with pytest.raises(InvalidInput):
         target(netns="../x")
+
+
+def test_rsync_reports_the_checksum_the_receiver_computes(tmp_path: Path) -> None:
+    """rsync's %C for the checksum choice in use equals volume.file_checksum (byte order too)."""
+    src = tmp_path / "g000000000005.qcow2"
+    src.write_bytes(os.urandom(3 << 20) + b"tail")
+    (tmp_path / "out").mkdir()
+    argv = [
+        "rsync",
+        f"--checksum-choice={CHECKSUM_CHOICE}",
+        "--out-format=mcfile|%n|%l|%C",
+        "--stats",
+        str(src),
+        f"{tmp_path / 'out'}/",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    reported = parse_rsync_output(done.stdout).files[src.name][1]
+    assert reported.startswith(f"{CHECKSUM_CHOICE}:")
+    assert reported == file_checksum(src) == file_checksum(tmp_path / "out" / src.name)
+    assert checksum_like(src, "sha1:" + "0" * 40).startswith("sha1:")
+    with pytest.raises(InvalidInput):
+        file_checksum(src, "md5")
