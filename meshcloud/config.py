@@ -213,11 +213,12 @@ class WatchdogConfig(_Strict):
 class ReplicationConfig(_Strict):
     interval_s: float = Field(2.0, gt=0, le=3600, description="ship a delta this often")
     max_interval_s: float = Field(
-        0.0,
+        12.0,
         ge=0,
         le=3600,
         description="on a slow link, let an appliance's interval grow up to this, so each"
-        " rsync run carries more (docs/replication.md); 0 = always interval_s",
+        " rsync run carries more (docs/replication.md); a fast link keeps interval_s;"
+        " 0 = always interval_s",
     )
     bwlimit_kbps: int = Field(0, ge=0, description="per-link rate limit in KiB/s, 0 = none")
     compress: bool = Field(True, description="compress deltas on the wire")
