@@ -62,8 +62,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
+def write_durably(path: Path, data: bytes) -> os.stat_result:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
+
+    Returns the new file's status (its inode and mtime stay those after the rename).
+    """
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -72,10 +75,31 @@ def write_durably(path: Path, data: bytes) -> None:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
+        written_stat = os.fstat(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(path.parent)
+    return written_stat
+
+
+# Parsed manifests by path, with the (inode, mtime, size) they were read from. A
+# manifest is only ever replaced by a rename (write_durably), never rewritten in
+# place, so an unchanged key means unchanged content: the engine's scheduler, the
+# lag it publishes and the API read manifests many times a second, and parsing one
+# (with up to HISTORY_MAX generation records) costs about a millisecond.
+_manifest_cache: dict[Path, tuple[tuple[int, int, int], Manifest]] = {}
+_MANIFEST_CACHE_MAX = 4096
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _remember(path: Path, key: tuple[int, int, int], manifest: Manifest) -> None:
+    if len(_manifest_cache) >= _MANIFEST_CACHE_MAX:
+        _manifest_cache.clear()
+    _manifest_cache[path] = (key, manifest)
 
 
 def fsync_file(path: Path) -> None:
@@ -200,8 +224,15 @@ class VolumeSet:
         return self.manifest_path.exists()
 
     def load(self) -> Manifest:
+        path = self.manifest_path
         try:
-            raw = self.manifest_path.read_bytes()
+            key = _stat_key(os.stat(path))
+            cached = _manifest_cache.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            with path.open("rb") as f:  # key and bytes of the same inode
+                key = _stat_key(os.fstat(f.fileno()))
+                raw = f.read()
         except FileNotFoundError:
             raise NotFound(f"no volumes of appliance {self.appliance} on this rack") from None
         m = Manifest.from_json(raw)
@@ -209,13 +240,15 @@ class VolumeSet:
             raise ReplicationError(
                 f"{self.manifest_path} names appliance {m.appliance!r}: move it back or remove it"
             )
+        _remember(path, key, m)
         return m
 
     def save(self, manifest: Manifest) -> None:
         if manifest.appliance != self.appliance:
             raise InvalidInput("manifest of another appliance")
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_durably(self.manifest_path, manifest.to_json())
+        written = write_durably(self.manifest_path, manifest.to_json())
+        _remember(self.manifest_path, _stat_key(written), manifest)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
