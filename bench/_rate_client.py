@@ -11,7 +11,8 @@ such as wrk). Each latency runs from the request's due time to the end of
 its response body, so time spent waiting for a free connection counts. Up
 to CONNECTIONS keep-alive connections are open at once. Prints one JSON
 document: requests sent, answered, per-status counts, errors, achieved
-rate and the latencies (seconds).
+rate and the latencies (seconds). Requests still unanswered 10 s after the
+last one was due are cancelled and counted as errors ("unanswered").
 
 `wrk` only measures a closed loop (every connection waits for its answer
 before sending again), which finds the saturation throughput but not the
@@ -27,6 +28,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+GRACE_S = 10.0
 
 
 async def _connect(host: str, port: int) -> Conn:
@@ -94,7 +96,16 @@ async def run(url: str, token: str, rate: float, duration_s: float, connections:
             sent += 1
         if sent < total:
             await asyncio.sleep(max(0.0, t0 + sent / rate - loop.time()))
-    await asyncio.gather(*tasks)
+    # answers still missing GRACE_S after the last request was due are counted as
+    # unanswered: a server that fell behind gives a result, not a hung benchmark
+    _done, late = await asyncio.wait(
+        tasks, timeout=max(0.0, t0 + duration_s + GRACE_S - loop.time())
+    )
+    for task in late:
+        task.cancel()
+    if late:
+        errors["unanswered"] += len(late)
+        await asyncio.gather(*late, return_exceptions=True)
     elapsed = loop.time() - t0
     while not pool.empty():
         pool.get_nowait()[1].close()
