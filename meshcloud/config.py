@@ -111,7 +111,7 @@ class HypervisorConfig(_Strict):
     uri: str = Field("", description="libvirt URI; empty = embedded driver under state_dir")
     kvm: str = Field("auto", description="auto | on | off: use KVM acceleration")
     guest_nice: int = Field(
-        10,
+        19,
         ge=0,
         le=19,
         description="CPU niceness of appliances (0 = as the daemon): under contention the"
