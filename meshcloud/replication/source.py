@@ -67,6 +67,7 @@ from meshcloud.replication.transport import (
     RsyncResult,
     RsyncSettings,
     SshTarget,
+    master_exit_argv,
     parse_progress2,
     parse_rsync_output,
     remote_disk_dir,
@@ -154,6 +155,7 @@ class Transport:
         self.runner = runner or ProcessRunner()
         self._sessions: dict[tuple[str, SshTarget], _Session] = {}
         self._sessions_lock = threading.Lock()
+        self._pushed_to: set[SshTarget] = set()  # their rsync connection masters outlive runs
 
     def push(
         self,
@@ -179,6 +181,8 @@ class Transport:
                 if got is not None:
                     progress_cb(got[0], total)
 
+        with self._sessions_lock:
+            self._pushed_to.add(link.target)
         result = self.runner.run(argv, on_output=handler)
         if result.returncode != 0:
             if result.returncode == 255 or "connection" in result.stderr.lower():
@@ -234,13 +238,20 @@ class Transport:
             session.close()
 
     def close(self) -> None:
-        """Close every session and kill running transfers."""
+        """Close every session, kill running transfers, end the connection masters."""
         with self._sessions_lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
+            targets = list(self._pushed_to)
+            self._pushed_to.clear()
         for session in sessions:
             session.close()
         self.runner.cancel_all()
+        for target in targets:  # a master persists ControlPersist seconds after its last use
+            for argv in (master_exit_argv(target, for_rsync=True), master_exit_argv(target)):
+                if argv is not None:
+                    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                        subprocess.run(argv, capture_output=True, timeout=10, check=False)
 
 
 class _Session:

@@ -180,7 +180,11 @@ class LoopbackSshd:
         )
 
     def stop(self) -> None:
+        """Stop sshd and its connections (a client's connection master ends with them)."""
         if self.proc is not None and self.proc.poll() is None:
+            for pid in descendants(self.proc.pid):  # orphaned, they would outlive sshd
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)

@@ -174,6 +174,20 @@ def _ssh_prefix(target: SshTarget) -> list[str]:
     return ["ip", "netns", "exec", target.netns] if target.netns else []
 
 
+def master_exit_argv(target: SshTarget, *, for_rsync: bool = False) -> list[str] | None:
+    """argv asking the target's connection master (if any) to exit; None without one."""
+    if target.control_dir is None:
+        return None
+    return [
+        *_ssh_prefix(target),
+        SSH,
+        *ssh_options(target, for_rsync=for_rsync),
+        "-O",
+        "exit",
+        target.destination,
+    ]
+
+
 def rsync_rsh(target: SshTarget) -> str:
     """The ``-e`` string for rsync (rsync splits it on spaces; every part is checked)."""
     return " ".join([*_ssh_prefix(target), SSH, *ssh_options(target, for_rsync=True)])

@@ -16,7 +16,7 @@ import pytest
 from meshcloud.core.errors import Conflict
 from meshcloud.replication import manifest as mf
 from meshcloud.replication.source import ApplianceSource, ReplicaLink
-from meshcloud.replication.transport import RsyncSettings
+from meshcloud.replication.transport import RsyncSettings, master_exit_argv
 
 from .conftest import Pair, same_content, wait_for
 
@@ -229,3 +229,20 @@ def _raw_of(src: ApplianceSource, disk: str, tmp: Path) -> Path:
         check=True,
     )
     return out
+
+
+def test_closing_the_transport_ends_its_connection_masters(pair: Pair) -> None:
+    """A master outlives its last use by ControlPersist (10 min): close() must end it."""
+    pair.write(0, 65536, 0x11)
+    report = pair.source.cycle(1, [pair.link])
+    assert not report.errors and "rack-b" in report.shipped
+
+    def master_alive() -> bool:
+        argv = master_exit_argv(pair.link.target, for_rsync=True)
+        assert argv is not None
+        check = [*argv[: argv.index("-O")], "-O", "check", pair.link.target.destination]
+        return subprocess.run(check, capture_output=True, check=False).returncode == 0
+
+    assert master_alive()
+    pair.source.transport.close()
+    assert wait_for(lambda: not master_alive(), 10, "the rsync connection master to exit")
