@@ -142,6 +142,10 @@ def feed_while_loop_alive(
         else:
             if not ready:
                 notifier.ready("event loop running")
+                # on the console too (the unit logs at notice): systemd's own
+                # "Started meshcloud.service" can be missing there when the
+                # daemon's lines reach the console at the same moment
+                log.info("told systemd the daemon is ready (READY=1)")
                 ready = True
                 if interval is None:
                     return  # no watchdog: READY was all systemd wanted
