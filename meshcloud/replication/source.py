@@ -247,11 +247,17 @@ class Transport:
         for session in sessions:
             session.close()
         self.runner.cancel_all()
-        for target in targets:  # a master persists ControlPersist seconds after its last use
-            for argv in (master_exit_argv(target, for_rsync=True), master_exit_argv(target)):
-                if argv is not None:
-                    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                        subprocess.run(argv, capture_output=True, timeout=10, check=False)
+        # a master persists ControlPersist seconds after its last use; without a
+        # separate rsync key both argvs name the same master: ask it once
+        exits = {
+            tuple(argv)
+            for target in targets
+            for argv in (master_exit_argv(target, for_rsync=True), master_exit_argv(target))
+            if argv is not None
+        }
+        for argv in exits:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(argv, capture_output=True, timeout=10, check=False)
 
 
 class _Session:

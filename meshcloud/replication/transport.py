@@ -31,7 +31,7 @@ from meshcloud.core.names import validate_name
 SSH = "ssh"
 RSYNC = "rsync"
 OUT_FORMAT = "mcfile|%n|%l|%C"
-CHECKSUM_CHOICE = "xxh128"  # volume.file_checksum computes the same
+CHECKSUM_CHOICE = "xxh128"  # volume.file_checksum computes it too (the receiver's check)
 _SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]+$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]+$")
 

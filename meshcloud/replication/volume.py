@@ -41,6 +41,7 @@ from meshcloud.replication.qemu import (
     parse_qcow2_header,
     repair_leaks_argv,
 )
+from meshcloud.replication.transport import CHECKSUM_CHOICE
 
 MANIFEST = "manifest.json"
 INCOMING = ".incoming"
@@ -110,7 +111,7 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-CHECKSUM_ALGORITHMS = ("xxh128", "sha1")  # the first is what new checksums use
+CHECKSUM_ALGORITHMS = (CHECKSUM_CHOICE, "sha1")  # new checksums: what rsync is told to use
 
 
 def file_checksum(path: Path, algorithm: str = CHECKSUM_ALGORITHMS[0]) -> str:
