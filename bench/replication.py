@@ -6,8 +6,8 @@ A disk of S GiB (4 GiB; 256 MiB with --quick) of random bytes exists three
 times at the source: as a raw file for the rsync baselines, and as
 meshcloud's qcow2 volume (4 KiB-cluster bottom + active overlay), each
 replicated to a receiving "rack" (a real sshd on loopback with the
-cluster's forced commands: rrsync write-only into incoming, and the
-replication verbs). For each fraction f of 4 KiB blocks (0.1 %, 1 %, 10 %)
+cluster's forced command: rsync's daemon mode write-only into incoming,
+and the replication verbs). For each fraction f of 4 KiB blocks (0.1 %, 1 %, 10 %)
 and each repetition, the same f of blocks, at the same random offsets with
 the same bytes, is written to both source copies; then, in an order that
 rotates between repetitions:
@@ -379,7 +379,7 @@ def main() -> int:
         "block_bytes": BLOCK,
         "fractions": list(FRACTIONS),
         "reps": reps,
-        "transport": "rsync over ssh to a loopback sshd (rrsync + forced command), no compression",
+        "transport": "rsync over ssh to a loopback sshd (forced command: rsync daemon module), no compression",
         "cache": "source and replica files flushed and evicted before every run",
         "wall_seconds": round(time.monotonic() - t_start, 1),
     }

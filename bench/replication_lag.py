@@ -3,8 +3,8 @@
     python bench/replication_lag.py [--quick] [--out FILE]
 
 Two lab racks (network namespaces on the lab's bridge): the replica rack r2
-runs an sshd with the cluster's forced commands (rrsync + replication
-verbs); the source side runs meshcloud's replication engine, whose ssh runs
+runs an sshd with the cluster's forced command (rsync's daemon mode +
+replication verbs); the source side runs meshcloud's replication engine, whose ssh runs
 inside rack r1's namespace, so every byte crosses the lab link into r2.
 The demo appliance (real QEMU under the embedded libvirt, in its own
 namespace) writes random data to its data disk at W MB/s

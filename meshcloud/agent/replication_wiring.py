@@ -6,9 +6,12 @@ connects it to the rest of the daemon (docs/failover.md):
 - **links**: a replica rack is reached over SSH at the address the placement
   map lists for it, with the cluster's replication key
   (``replication.ssh_key``) and pinned host keys (``replication.known_hosts``);
-  the receiving rack's sshd forces ``meshcloud.replication.serve`` (verbs, and
-  rrsync for rsync) for that key: :func:`install_authorized_keys` writes that
-  line into ``<state_dir>/ssh/authorized_keys`` at start-up;
+  the receiving rack's sshd forces a command for that key that runs rsync's
+  daemon mode (write-only into ``<volumes>/.incoming``) for rsync and
+  ``meshcloud.replication.serve`` for the replication verbs:
+  :func:`install_authorized_keys` writes that line into
+  ``<state_dir>/ssh/authorized_keys`` and the daemon's ``rsyncd.conf`` beside
+  it at start-up;
 - **duties**: the rack agent sets them every cycle from the map (primary here,
   running: ship to its replicas under the assignment's epoch and priority);
 - **reports**: every ``REPORT_PERIOD_S``, each replica copy this rack holds
@@ -31,6 +34,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -48,7 +52,12 @@ from meshcloud.replication.engine import EngineSettings, ReplicationEngine
 from meshcloud.replication.live import LibvirtLiveOps
 from meshcloud.replication.manifest import Manifest, Role
 from meshcloud.replication.source import ReplicaLink
-from meshcloud.replication.transport import RsyncSettings, SshTarget, authorized_keys_line
+from meshcloud.replication.transport import (
+    RsyncSettings,
+    SshTarget,
+    authorized_keys_line,
+    rsyncd_conf_text,
+)
 from meshcloud.replication.volume import VolumeSet, list_appliances, write_durably
 
 log = logging.getLogger("meshcloud.replication")
@@ -117,9 +126,10 @@ def control_dir(state_dir: Path) -> Path:
     return CONTROL_ROOT / hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
 
 
-def authorized_keys_text(public_key: str, python: Path, volumes: Path) -> str:
-    """The rack's authorized_keys: the cluster's replication key, forced to the serve command."""
-    return authorized_keys_line(public_key, python, volumes) + "\n"
+def authorized_keys_text(public_key: str, python: Path, volumes: Path, rsyncd_conf: Path) -> str:
+    """The rack's authorized_keys: the cluster's replication key and its forced command."""
+    rsync = shutil.which("rsync") or "/usr/bin/rsync"
+    return authorized_keys_line(public_key, python, volumes, rsyncd_conf, rsync=rsync) + "\n"
 
 
 def install_authorized_keys(cfg: DaemonConfig, python: Path | None = None) -> Path | None:
@@ -144,11 +154,19 @@ def install_authorized_keys(cfg: DaemonConfig, python: Path | None = None) -> Pa
     (volumes / ".incoming").mkdir(parents=True, exist_ok=True)
     target = cfg.state_dir / "ssh" / "authorized_keys"
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    text = authorized_keys_text(line, python or Path(sys.executable), volumes)
-    if not target.exists() or target.read_text() != text:
-        write_durably(target, text.encode())
-        os.chmod(target, 0o600)
+    conf = target.with_name("rsyncd.conf")
+    # the configuration first: the forced command names it
+    _write_if_changed(conf, rsyncd_conf_text(volumes / ".incoming"))
+    _write_if_changed(
+        target, authorized_keys_text(line, python or Path(sys.executable), volumes, conf)
+    )
     return target
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        write_durably(path, text.encode())
+        os.chmod(path, 0o600)
 
 
 # -- the wiring -------------------------------------------------------------------------

@@ -1,14 +1,13 @@
-"""The SSH forced command of the replication key: ``python -m meshcloud.replication.serve VOLUMES``.
+"""The replication verbs behind the replication key: ``python -m meshcloud.replication.serve VOLUMES``.
 
-authorized_keys on every rack (see transport.authorized_keys_line) runs
-this for the cluster's replication key, whatever the client asked for. It
-reads ``SSH_ORIGINAL_COMMAND`` and either
-
-- hands an ``rsync --server`` request to ``rrsync``, confined (write-only)
-  to ``VOLUMES/.incoming``, so a sender can only ever drop files there; or
-- runs one replication verb, with a JSON request on stdin where needed,
-  and prints one JSON line: ``{"ok": true, ...}`` or
-  ``{"ok": false, "error": "Conflict", "message": "..."}`` (exit 3).
+authorized_keys on every rack (see transport.authorized_keys_line) forces a
+command for the cluster's replication key that starts rsync's daemon mode
+(confined, write-only, to ``VOLUMES/.incoming``) for an rsync request and
+this module for anything else. It reads ``SSH_ORIGINAL_COMMAND`` and runs
+one replication verb, with a JSON request on stdin where needed, and prints
+one JSON line: ``{"ok": true, ...}`` or
+``{"ok": false, "error": "Conflict", "message": "..."}`` (exit 3). Anything
+else, rsync included, is refused here.
 
 Verbs: ``status APPLIANCE``, ``held``, ``fence APPLIANCE EPOCH``,
 ``commit`` (stdin: CommitRequest), ``seed`` (stdin: SeedRequest), and
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,15 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     volumes = Path(args[0])
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
     words = command.split()
-    if words[:2] == ["rsync", "--server"]:
-        from meshcloud.replication.transport import rrsync_argv
-
-        incoming = volumes / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        argv_rr = rrsync_argv(incoming, shutil.which("rrsync") or "/usr/bin/rrsync")
-        os.execv(argv_rr[0], argv_rr)  # noqa: S606 (argv, no shell); rrsync re-reads SSH_ORIGINAL_COMMAND itself
     if words[:1] != [VERB_PREFIX]:
-        _reply({"ok": False, "error": "InvalidInput", "message": "only replication is allowed"})
+        message = "only replication is allowed"
+        if words[:1] == ["rsync"]:
+            message = (
+                "rsync is only allowed as a daemon over SSH (host::incoming); this rack's"
+                " authorized_keys predates that: restart its meshcloud daemon to rewrite it"
+            )
+        _reply({"ok": False, "error": "InvalidInput", "message": message})
         return EXIT_REFUSED
     if words[1:] == ["session"]:
         return run_session(volumes)

@@ -247,14 +247,8 @@ class Transport:
         for session in sessions:
             session.close()
         self.runner.cancel_all()
-        # a master persists ControlPersist seconds after its last use; without a
-        # separate rsync key both argvs name the same master: ask it once
-        exits = {
-            tuple(argv)
-            for target in targets
-            for argv in (master_exit_argv(target, for_rsync=True), master_exit_argv(target))
-            if argv is not None
-        }
+        # a master persists ControlPersist seconds after its last use: ask each to exit once
+        exits = {tuple(argv) for argv in map(master_exit_argv, targets) if argv is not None}
         for argv in exits:
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run(argv, capture_output=True, timeout=10, check=False)

@@ -3,7 +3,7 @@
 It listens on a loopback address (or inside a network namespace the caller
 made), trusts one generated replication key with exactly the
 authorized_keys line racks use, and pins its host key in a known_hosts
-file, so that tests exercise the real transport: ssh, rrsync, rsync, serve.
+file, so that tests exercise the real transport: ssh, the forced command, rsync's daemon mode, serve.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from meshcloud.replication.transport import (
     SshTarget,
     authorized_keys_line,
     keygen_argv,
-    rrsync_authorized_keys_line,
+    rsyncd_conf_text,
 )
 
 SSHD = "/usr/sbin/sshd"
@@ -88,7 +88,6 @@ class LoopbackSshd:
         self.port = port or free_port(address if netns is None else "127.0.0.1")
         self.netns = netns
         self.client_key = client_key or workdir / "client_ed25519"
-        self.rsync_key = self.client_key.with_name(self.client_key.name + "-rsync")
         self.python = python or Path(sys.executable)
         self.proc: subprocess.Popen[bytes] | None = None
         self.user = LOGIN_USER
@@ -96,6 +95,10 @@ class LoopbackSshd:
     @property
     def known_hosts(self) -> Path:
         return self.workdir / "known_hosts"
+
+    @property
+    def rsyncd_conf(self) -> Path:
+        return self.workdir / "rsyncd.conf"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -106,14 +109,11 @@ class LoopbackSshd:
         host_key = self.workdir / "host_ed25519"
         host_pub = make_keypair(host_key, "meshcloud-test-host")
         client_pub = make_keypair(self.client_key)
-        rsync_pub = make_keypair(self.rsync_key)
-        (self.workdir / "authorized_keys").write_text(
-            authorized_keys_line(client_pub, self.python, self.volumes)
-            + "\n"
-            + rrsync_authorized_keys_line(rsync_pub, self.volumes)
-            + "\n"
-        )
         (self.volumes / ".incoming").mkdir(parents=True, exist_ok=True)
+        self.rsyncd_conf.write_text(rsyncd_conf_text(self.volumes / ".incoming"))
+        (self.workdir / "authorized_keys").write_text(
+            authorized_keys_line(client_pub, self.python, self.volumes, self.rsyncd_conf) + "\n"
+        )
         host = f"[{self.address}]:{self.port}" if self.port != 22 else self.address
         self.known_hosts.write_text(f"{host} {' '.join(host_pub.split()[:2])}\n")
         config = self.workdir / "sshd_config"
@@ -173,7 +173,6 @@ class LoopbackSshd:
             host=self.address,
             port=self.port,
             identity_file=self.client_key,
-            rsync_identity_file=self.rsync_key,
             user=self.user,
             known_hosts_file=self.known_hosts,
             control_dir=control_dir,

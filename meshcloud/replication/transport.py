@@ -11,9 +11,12 @@ master, ``--partial-dir``, the transferred file's checksum (``%C``), the
 docs/replication.md.
 
 The receiving side is restricted by a forced command in authorized_keys
-(:func:`authorized_keys_line`): rsync requests are handed to ``rrsync``
-confined to the incoming directory; the few replication verbs (status,
-commit, fence, ...) go to :mod:`meshcloud.replication.serve`.
+(:func:`authorized_keys_line`): an rsync request starts rsync's own daemon
+mode over SSH, whose only module is the incoming directory, write-only
+(:func:`rsyncd_conf_text`; rrsync's confinement without a Python start per
+transfer); anything else goes to :mod:`meshcloud.replication.serve`, which
+runs the few replication verbs (status, commit, fence, ...) and refuses the
+rest.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from meshcloud.core.names import validate_name
 SSH = "ssh"
 RSYNC = "rsync"
 OUT_FORMAT = "mcfile|%n|%l|%C"
+RSYNC_MODULE = "incoming"  # the one module of the receiver's rsyncd.conf
+RSYNC_DAEMON_REQUEST = "rsync --server --daemon ."  # what an rsync client runs for host::module
 CHECKSUM_CHOICE = "xxh128"  # volume.file_checksum computes it too (the receiver's check)
 _SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+-]+$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]+$")
@@ -72,7 +77,6 @@ class SshTarget:
     identity_file: Path
     known_hosts_file: Path
     port: int = 22
-    rsync_identity_file: Path | None = None
     netns: str | None = None  # run ssh inside this network namespace (the lab's racks)
     user: str = "root"
     control_dir: Path | None = None
@@ -96,8 +100,6 @@ class SshTarget:
         if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", self.user):
             raise InvalidInput(f"ssh user {self.user!r} is not a valid user name")
         _safe_path("identity file", self.identity_file)
-        if self.rsync_identity_file is not None:
-            _safe_path("rsync identity file", self.rsync_identity_file)
         _safe_path("known_hosts file", self.known_hosts_file)
         if self.control_dir is not None:
             _safe_path("control directory", self.control_dir)
@@ -117,19 +119,13 @@ class SshTarget:
         return f"{self.user}@{host}"
 
 
-def ssh_options(target: SshTarget, *, for_rsync: bool = False) -> list[str]:
+def ssh_options(target: SshTarget) -> list[str]:
     """ssh's options: the cluster key only, pinned host keys, nothing forwarded, no prompts.
 
-    With a separate rsync key (``rsync_identity_file``), rsync connects with
-    it, so the receiver's authorized_keys can force ``rrsync`` directly for
-    that key; each key gets its own connection master.
+    rsync and the replication verbs share one connection master per target.
     """
-    key = target.identity_file
-    tag = "v"
-    if for_rsync and target.rsync_identity_file is not None:
-        key, tag = target.rsync_identity_file, "r"
     opts = [
-        "-i", _safe_path("identity file", key),
+        "-i", _safe_path("identity file", target.identity_file),
         "-p", str(target.port),
         "-o", "BatchMode=yes",
         "-o", "IdentitiesOnly=yes",
@@ -152,7 +148,7 @@ def ssh_options(target: SshTarget, *, for_rsync: bool = False) -> list[str]:
         "-F", "/dev/null",
     ]  # fmt: skip
     if target.control_dir is not None:
-        sock = f"{_safe_path('control directory', target.control_dir)}/{tag}-%C"
+        sock = f"{_safe_path('control directory', target.control_dir)}/v-%C"
         opts += [
             "-o", "ControlMaster=auto",
             "-o", f"ControlPath={sock}",
@@ -174,14 +170,14 @@ def _ssh_prefix(target: SshTarget) -> list[str]:
     return ["ip", "netns", "exec", target.netns] if target.netns else []
 
 
-def master_exit_argv(target: SshTarget, *, for_rsync: bool = False) -> list[str] | None:
+def master_exit_argv(target: SshTarget) -> list[str] | None:
     """argv asking the target's connection master (if any) to exit; None without one."""
     if target.control_dir is None:
         return None
     return [
         *_ssh_prefix(target),
         SSH,
-        *ssh_options(target, for_rsync=for_rsync),
+        *ssh_options(target),
         "-O",
         "exit",
         target.destination,
@@ -190,7 +186,7 @@ def master_exit_argv(target: SshTarget, *, for_rsync: bool = False) -> list[str]
 
 def rsync_rsh(target: SshTarget) -> str:
     """The ``-e`` string for rsync (rsync splits it on spaces; every part is checked)."""
-    return " ".join([*_ssh_prefix(target), SSH, *ssh_options(target, for_rsync=True)])
+    return " ".join([*_ssh_prefix(target), SSH, *ssh_options(target)])
 
 
 @dataclass(frozen=True)
@@ -219,8 +215,8 @@ def _common_rsync_options(settings: RsyncSettings) -> list[str]:
     opts = [
         # Resumable: an interrupted file stays in the receiver's incoming
         # directory (a staging area no chain reads) and is the basis of the
-        # next attempt. Not --partial-dir: rrsync 3.5 pins that directory in
-        # a way that makes rsync drop the partial file.
+        # next attempt. Not --partial-dir: a partial file already sits in
+        # that staging area, and one directory is all the module exposes.
         "--partial",
         f"--checksum-choice={CHECKSUM_CHOICE}",
         f"--out-format={OUT_FORMAT}",
@@ -255,10 +251,8 @@ def rsync_push_argv(
 ) -> list[str]:
     """argv pushing one file, or several in one run, into ``remote_dir/``.
 
-    ``remote_dir`` is relative to the receiver's incoming directory.
-
-    The destination is a directory (the file keeps its name): rrsync pins
-    an existing destination *file* in a way rsync cannot replace.
+    ``remote_dir`` is relative to the receiver's incoming directory (the
+    rsync daemon module :data:`RSYNC_MODULE`, reached over SSH: ``host::``).
 
     Never ``--inplace``: rsync writes a temporary name and renames it only
     after the whole-file checksum matched (an interrupted transfer leaves a
@@ -277,21 +271,42 @@ def rsync_push_argv(
         "-e",
         rsync_rsh(target),
         *(_safe_path("local file", f) for f in files),
-        f"{target.destination}:{_remote_rel(remote_dir.rstrip('/'))}/",
+        f"{target.destination}::{RSYNC_MODULE}/{_remote_rel(remote_dir.rstrip('/'))}/",
     ]
     return argv
 
 
 def authorized_keys_line(
-    public_key: str, python: Path, volumes_dir: Path, *, from_addresses: Sequence[str] = ()
+    public_key: str,
+    python: Path,
+    volumes_dir: Path,
+    rsyncd_conf: Path,
+    *,
+    rsync: str = "/usr/bin/rsync",
+    from_addresses: Sequence[str] = (),
 ) -> str:
-    """The authorized_keys line restricting the cluster's verb key to replication verbs.
+    """The authorized_keys line restricting the cluster's replication key.
 
-    ``restrict`` turns off forwarding, pty and X11; the forced command is
-    :mod:`meshcloud.replication.serve`, which runs only its own verbs (and,
-    for a cluster with a single key, hands rsync requests to ``rrsync``).
+    ``restrict`` turns off forwarding, pty and X11. The forced command is a
+    shell ``case`` on what the client asked for: exactly rsync's request for
+    a daemon over SSH (:data:`RSYNC_DAEMON_REQUEST`) starts rsync's daemon
+    mode with ``rsyncd_conf`` (one write-only module, the incoming directory:
+    :func:`rsyncd_conf_text`); anything else starts
+    :mod:`meshcloud.replication.serve`, which runs only its own verbs.
+    ``case`` compares the client's words as one literal string (no
+    splitting, no globbing of what it expands to), so nothing the client
+    sends is ever run.
     """
-    command = shlex.join(
+    rsync_cmd = shlex.join(
+        [
+            _safe_path("rsync", rsync),
+            "--server",
+            "--daemon",
+            f"--config={_safe_path('rsyncd.conf', rsyncd_conf)}",
+            ".",
+        ]
+    )
+    serve_cmd = shlex.join(
         [
             _safe_path("python", python),
             "-m",
@@ -299,19 +314,52 @@ def authorized_keys_line(
             _safe_path("volumes", volumes_dir),
         ]
     )
+    command = (
+        f"case $SSH_ORIGINAL_COMMAND in '{RSYNC_DAEMON_REQUEST}') exec {rsync_cmd} ;;"
+        f" *) exec {serve_cmd} ;; esac"
+    )
     return _key_line(public_key, command, from_addresses)
 
 
-def rrsync_authorized_keys_line(
-    public_key: str,
-    volumes_dir: Path,
-    *,
-    rrsync: str = "/usr/bin/rrsync",
-    from_addresses: Sequence[str] = (),
-) -> str:
-    """The authorized_keys line of the cluster's rsync key: rrsync, write-only, into incoming."""
-    command = shlex.join(rrsync_argv(volumes_dir / ".incoming", _safe_path("rrsync", rrsync)))
-    return _key_line(public_key, command, from_addresses)
+def rsyncd_conf_text(incoming_dir: Path) -> str:
+    """rsyncd.conf of the single-use daemon the forced command starts over SSH.
+
+    What rrsync ``-wo -no-del -no-lock`` enforced, done by rsync itself: one
+    module, the incoming directory (paths are sanitised to stay inside it:
+    ``use chroot = no``), write-only, unlisted, no deletions, no devices or
+    special files, symlinks munged, files readable by their owner only. No
+    lock file (several primaries push at once, each to its own names). rsync
+    changes users only when it runs as root; ``uid = 0`` keeps it the login
+    user's (replication.ssh_user) instead of ``nobody``. Errors reach the
+    client over the protocol, so the daemon's own log goes nowhere (one run
+    per cycle would flood syslog).
+    """
+    incoming = _safe_path("incoming", incoming_dir)
+    return "\n".join(
+        [
+            "# written by meshcloud (meshcloud.replication.transport.rsyncd_conf_text):",
+            "# rsync over SSH for the replication key may only drop files here",
+            "log file = /dev/null",
+            "transfer logging = no",
+            "max connections = 0",
+            "",
+            f"[{RSYNC_MODULE}]",
+            f"    path = {incoming}",
+            "    comment = meshcloud replication deltas and seeds",
+            "    use chroot = no",
+            "    munge symlinks = yes",
+            "    read only = no",
+            "    write only = yes",
+            "    list = no",
+            "    uid = 0",
+            "    gid = 0",
+            "    numeric ids = yes",
+            "    incoming chmod = Du=rwx,Dgo=,Fu=rw,Fgo=",
+            "    refuse options = delete* remove-source-files devices specials"
+            " write-devices copy-devices",
+            "",
+        ]
+    )
 
 
 def _key_line(public_key: str, command: str, from_addresses: Sequence[str]) -> str:
@@ -325,15 +373,6 @@ def _key_line(public_key: str, command: str, from_addresses: Sequence[str]) -> s
                 raise InvalidInput(f"from address {addr!r} is not an address pattern")
         options.append(f'from="{",".join(from_addresses)}"')
     return f"{','.join(options)} {key}"
-
-
-def rrsync_argv(incoming_dir: Path, rrsync: str = "rrsync") -> list[str]:
-    """argv of rrsync confined to the incoming directory, write-only.
-
-    ``-no-lock``: several primaries push to one replica rack at once, each
-    to its own file names; ``-wo``: nobody reads replicas through rsync.
-    """
-    return [rrsync, "-wo", "-no-lock", "-no-del", _safe_path("incoming", incoming_dir)]
 
 
 def keygen_argv(private_key: Path, comment: str = "meshcloud-replication") -> list[str]:

@@ -7,7 +7,7 @@ Layout under the volumes root (``<state_dir>/volumes``)::
     <appliance>/.merge-lock          flock: one merger at a time
     <appliance>/<disk>/g<N>.qcow2    the chain files, bottom first
     <appliance>/<disk>/outbox/       primary only: hard links of frozen deltas to ship
-    .incoming/<appliance>/<disk>/    where rsync (through rrsync) lands deltas
+    .incoming/<appliance>/<disk>/    where rsync (its daemon module) lands deltas
     .diverged/<appliance>.e<E>.g<G>.<n>/   copies kept aside after a divergence
 
 The manifest is replaced durably: written to a temporary name, fsynced,

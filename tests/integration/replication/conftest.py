@@ -1,4 +1,4 @@
-"""Fixtures: a source volume set, a receiving rack behind a real sshd (rrsync + serve)."""
+"""Fixtures: a source volume set, a receiving rack behind a real sshd (forced command: rsync daemon + serve)."""
 
 from __future__ import annotations
 

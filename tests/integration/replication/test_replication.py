@@ -1,4 +1,4 @@
-"""Real rsync over real ssh (rrsync + the forced command) on qcow2 chains."""
+"""Real rsync over real ssh (the forced command: rsync's daemon mode, serve) on qcow2 chains."""
 
 from __future__ import annotations
 
@@ -238,11 +238,11 @@ def test_closing_the_transport_ends_its_connection_masters(pair: Pair) -> None:
     assert not report.errors and "rack-b" in report.shipped
 
     def master_alive() -> bool:
-        argv = master_exit_argv(pair.link.target, for_rsync=True)
+        argv = master_exit_argv(pair.link.target)
         assert argv is not None
         check = [*argv[: argv.index("-O")], "-O", "check", pair.link.target.destination]
         return subprocess.run(check, capture_output=True, check=False).returncode == 0
 
     assert master_alive()
     pair.source.transport.close()
-    assert wait_for(lambda: not master_alive(), 10, "the rsync connection master to exit")
+    assert wait_for(lambda: not master_alive(), 10, "the connection master to exit")

@@ -164,9 +164,13 @@ def test_the_rack_installs_the_replication_key_with_its_forced_command(tmp_path)
     path = install_authorized_keys(cfg, python=Path("/usr/bin/python3"))
     assert path == tmp_path / "state" / "ssh" / "authorized_keys"
     line = path.read_text()
-    assert line.startswith('command="/usr/bin/python3 -m meshcloud.replication.serve ')
+    conf = path.with_name("rsyncd.conf")
+    assert line.startswith('command="case $SSH_ORIGINAL_COMMAND in ')
+    assert f"--daemon --config={conf} . ;;" in line
+    assert "exec /usr/bin/python3 -m meshcloud.replication.serve " in line
     assert ",restrict " in line and line.rstrip().endswith("test")
-    assert (path.stat().st_mode & 0o777) == 0o600
+    assert f"path = {tmp_path}/state/volumes/.incoming" in conf.read_text()
+    assert (path.stat().st_mode & 0o777) == 0o600 and (conf.stat().st_mode & 0o777) == 0o600
     assert (tmp_path / "state" / "volumes" / ".incoming").is_dir()
     # racks sharing a host (the lab) get different connection-master directories
     a, b = control_dir(tmp_path / "a"), control_dir(tmp_path / "b")

@@ -13,9 +13,8 @@ from meshcloud.replication.transport import (
     parse_progress2,
     parse_rsync_output,
     remote_disk_dir,
-    rrsync_argv,
-    rrsync_authorized_keys_line,
     rsync_push_argv,
+    rsyncd_conf_text,
     ssh_argv,
     ssh_options,
 )
@@ -28,7 +27,6 @@ def target(**kw) -> SshTarget:
     base = dict(
         host="10.1.0.2",
         identity_file=Path("/etc/meshcloud/kit/replication_ed25519"),
-        rsync_identity_file=Path("/etc/meshcloud/kit/replication-rsync_ed25519"),
         known_hosts_file=Path("/etc/meshcloud/kit/known_hosts"),
         port=2222,
         control_dir=Path("/run/meshcloud/ssh"),
@@ -52,10 +50,12 @@ def test_ssh_options_pin_host_keys_and_forward_nothing() -> None:
     assert opts["ControlPath"] == "/run/meshcloud/ssh/v-%C"
 
 
-def test_rsync_uses_its_own_key_and_master() -> None:
-    argv = ssh_options(target(), for_rsync=True)
-    assert argv[argv.index("-i") + 1].endswith("replication-rsync_ed25519")
-    assert _opts(argv)["ControlPath"] == "/run/meshcloud/ssh/r-%C"
+def test_rsync_goes_to_the_daemon_module_over_the_shared_master() -> None:
+    argv = rsync_push_argv(target(), Path("/v/f"), "app/data", RsyncSettings())
+    assert argv[-1] == "root@10.1.0.2::incoming/app/data/"
+    rsh = argv[argv.index("-e") + 1].split()
+    assert rsh[rsh.index("-i") + 1] == "/etc/meshcloud/kit/replication_ed25519"
+    assert "ControlPath=/run/meshcloud/ssh/v-%C" in rsh
 
 
 def test_rsync_push_never_inplace_and_resumable() -> None:
@@ -68,10 +68,10 @@ def test_rsync_push_never_inplace_and_resumable() -> None:
     assert "--partial" in argv
     assert "--checksum-choice=xxh128" in argv
     assert "--bwlimit=2500" in argv and "--compress" in argv
-    assert argv[-1] == "root@10.1.0.2:app/data/"
+    assert argv[-1] == "root@10.1.0.2::incoming/app/data/"
     assert argv[-2] == "/v/app/data/outbox/g000000000003.qcow2"
     rsh = argv[argv.index("-e") + 1]
-    assert rsh.startswith("ssh ") and "replication-rsync_ed25519" in rsh
+    assert rsh.startswith("ssh ") and "replication_ed25519" in rsh
 
 
 def test_rsync_push_without_compression_or_limit() -> None:
@@ -90,7 +90,7 @@ def test_several_files_go_in_one_run() -> None:
     files = [Path(f"/v/app/data/outbox/g00000000000{g}.qcow2") for g in (3, 4, 5)]
     argv = rsync_push_argv(target(), files, "app/data", RsyncSettings())
     assert argv[-4:-1] == [str(f) for f in files]
-    assert argv[-1] == "root@10.1.0.2:app/data/"
+    assert argv[-1] == "root@10.1.0.2::incoming/app/data/"
     with pytest.raises(InvalidInput):
         rsync_push_argv(target(), [], "app/data", RsyncSettings())
     with pytest.raises(InvalidInput):
@@ -126,33 +126,43 @@ def test_ssh_argv_passes_only_plain_words() -> None:
         ssh_argv(target(), ["meshcloud-replica", "status", "$(reboot)"])
 
 
-def test_authorized_keys_lines_restrict_the_keys() -> None:
+def test_authorized_keys_line_dispatches_rsync_and_verbs_literally() -> None:
     line = authorized_keys_line(
-        KEY, Path("/opt/meshcloud/bin/python"), Path("/var/lib/meshcloud/volumes")
+        KEY,
+        Path("/opt/meshcloud/bin/python"),
+        Path("/var/lib/meshcloud/volumes"),
+        Path("/var/lib/meshcloud/ssh/rsyncd.conf"),
+        from_addresses=["10.1.0.0/24"],
     )
-    assert line.startswith(
-        'command="/opt/meshcloud/bin/python -m meshcloud.replication.serve /var/lib/meshcloud/volumes",restrict '
+    command = line.split('command="', 1)[1].split('"', 1)[0]
+    assert command == (
+        "case $SSH_ORIGINAL_COMMAND in 'rsync --server --daemon .')"
+        " exec /usr/bin/rsync --server --daemon --config=/var/lib/meshcloud/ssh/rsyncd.conf . ;;"
+        " *) exec /opt/meshcloud/bin/python -m meshcloud.replication.serve"
+        " /var/lib/meshcloud/volumes ;; esac"
     )
-    assert line.endswith(KEY)
-    rr = rrsync_authorized_keys_line(
-        KEY, Path("/var/lib/meshcloud/volumes"), from_addresses=["10.1.0.0/24"]
-    )
-    assert (
-        'command="/usr/bin/rrsync -wo -no-lock -no-del /var/lib/meshcloud/volumes/.incoming"' in rr
-    )
-    assert ",restrict," in rr and 'from="10.1.0.0/24"' in rr
+    assert ",restrict," in line and 'from="10.1.0.0/24"' in line and line.endswith(KEY)
     with pytest.raises(InvalidInput):
-        authorized_keys_line('ssh-ed25519 AAAA" evil', Path("/p"), Path("/v"))
+        authorized_keys_line('ssh-ed25519 AAAA" evil', Path("/p"), Path("/v"), Path("/c"))
+    with pytest.raises(InvalidInput):  # a path that would break out of the quoted command
+        authorized_keys_line(KEY, Path("/p"), Path("/v"), Path("/c'; reboot; '"))
 
 
-def test_rrsync_is_write_only_without_lock() -> None:
-    assert rrsync_argv(Path("/v/.incoming")) == [
-        "rrsync",
-        "-wo",
-        "-no-lock",
-        "-no-del",
-        "/v/.incoming",
-    ]
+def test_rsyncd_conf_confines_the_module_to_incoming_write_only() -> None:
+    text = rsyncd_conf_text(Path("/var/lib/meshcloud/volumes/.incoming"))
+    module = text.split("[incoming]", 1)[1]
+    settings = dict(
+        (k.strip(), v.strip())
+        for k, v in (line.split("=", 1) for line in module.splitlines() if "=" in line)
+    )
+    assert settings["path"] == "/var/lib/meshcloud/volumes/.incoming"
+    assert settings["use chroot"] == "no" and settings["munge symlinks"] == "yes"
+    assert settings["read only"] == "no" and settings["write only"] == "yes"
+    assert settings["list"] == "no"
+    assert {"delete*", "devices", "specials"} <= set(settings["refuse options"].split())
+    assert text.count("[") == 1  # one module only
+    with pytest.raises(InvalidInput):
+        rsyncd_conf_text(Path("/v/.incoming\n[root]\npath = /"))
 
 
 def test_remote_disk_dir_validates_names() -> None:
