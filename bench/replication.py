@@ -1,6 +1,6 @@
 """Benchmark: meshcloud's delta cycle against rsync, on the same disk and the same changes.
 
-    python bench/replication.py [--quick] [--out FILE] [--size-gib=S] [--reps=N]
+    python bench/replication.py [--quick] [--out FILE] [--size-gib=S] [--reps=N] [--fractions=F,...]
 
 A disk of S GiB (4 GiB; 256 MiB with --quick) of random bytes exists three
 times at the source: as a raw file for the rsync baselines, and as
@@ -178,16 +178,19 @@ def qcow2_equals_raw(qcow2: Path, raw: Path) -> bool:
 
 
 def main() -> int:
-    own = [a for a in sys.argv[1:] if a.startswith(("--size-gib=", "--reps="))]
+    own = [a for a in sys.argv[1:] if a.startswith(("--size-gib=", "--reps=", "--fractions="))]
     rest = [a for a in sys.argv[1:] if a not in own]
     args = parse_args("replication", __doc__.splitlines()[0], rest)
     size_gib = 0.25 if args.quick else 4.0
     reps = 2 if args.quick else 3
+    fractions = FRACTIONS
     for extra in own:
         if extra.startswith("--size-gib="):
             size_gib = float(extra.split("=", 1)[1])
         if extra.startswith("--reps="):
             reps = int(extra.split("=", 1)[1])
+        if extra.startswith("--fractions="):  # a developer's partial run, e.g. --fractions=0.01
+            fractions = tuple(float(f) for f in extra.split("=", 1)[1].split(","))
     if not have_sshd():
         print("bench/replication.py needs root, sshd and rsync", file=sys.stderr)
         return 1
@@ -234,7 +237,7 @@ def main() -> int:
         }
         print(f"seeded the replica in {seconds:.1f} s", flush=True)
         rng = random.Random(7)
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             changed_blocks = max(1, round(nblocks * fraction))
             for rep in range(reps):
                 blocks = sorted(rng.sample(range(nblocks), changed_blocks))
@@ -328,7 +331,7 @@ def main() -> int:
         "per_fraction": {},
         "safety_violations": violations,
     }
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         rows = [t for t in trials if t["fraction"] == fraction]
         changed = rows[0]["changed_bytes"]
         entry: dict[str, Any] = {"changed_bytes": changed}
@@ -377,7 +380,7 @@ def main() -> int:
     params = {
         "disk_gib": size_gib,
         "block_bytes": BLOCK,
-        "fractions": list(FRACTIONS),
+        "fractions": list(fractions),
         "reps": reps,
         "transport": "rsync over ssh to a loopback sshd (forced command: rsync daemon module), no compression",
         "cache": "source and replica files flushed and evicted before every run",
