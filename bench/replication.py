@@ -60,6 +60,7 @@ from bench._common import (  # noqa: E402
 from meshcloud.replication.source import ApplianceSource, ReplicaLink  # noqa: E402
 from meshcloud.replication.testbed import LoopbackSshd, have_sshd  # noqa: E402
 from meshcloud.replication.transport import (  # noqa: E402
+    RSYNC_MODULE,
     RsyncSettings,
     SshTarget,
     parse_rsync_output,
@@ -160,7 +161,9 @@ def rsync_baseline(target: SshTarget, src: Path, remote_dir: str, inplace: bool)
     argv = ["rsync", "--stats", "--times", "--timeout=600"]
     if inplace:
         argv += ["--no-whole-file", "--inplace"]
-    argv += ["-e", rsync_rsh(target), str(src), f"{target.destination}:{remote_dir}/"]
+    # through the same forced command as meshcloud's deltas: rsync's daemon module
+    dest = f"{target.destination}::{RSYNC_MODULE}/{remote_dir}/"
+    argv += ["-e", rsync_rsh(target), str(src), dest]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"rsync failed: {proc.stderr[-500:]}")
