@@ -221,6 +221,13 @@ class ReplicationConfig(_Strict):
         " 0 = always interval_s",
     )
     bwlimit_kbps: int = Field(0, ge=0, description="per-link rate limit in KiB/s, 0 = none")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of replication's processes (rsync, ssh, qemu-img) on both"
+        " sides: background work, below the API, Raft and the agent (0 = as the daemon)",
+    )
     compress: bool = Field(True, description="compress deltas on the wire")
     ssh_key: Path | None = Field(
         None,

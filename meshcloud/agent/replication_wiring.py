@@ -126,10 +126,13 @@ def control_dir(state_dir: Path) -> Path:
     return CONTROL_ROOT / hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
 
 
-def authorized_keys_text(public_key: str, python: Path, volumes: Path, rsyncd_conf: Path) -> str:
+def authorized_keys_text(
+    public_key: str, python: Path, volumes: Path, rsyncd_conf: Path, *, nice: int = 0
+) -> str:
     """The rack's authorized_keys: the cluster's replication key and its forced command."""
     rsync = shutil.which("rsync") or "/usr/bin/rsync"
-    return authorized_keys_line(public_key, python, volumes, rsyncd_conf, rsync=rsync) + "\n"
+    line = authorized_keys_line(public_key, python, volumes, rsyncd_conf, rsync=rsync, nice=nice)
+    return line + "\n"
 
 
 def install_authorized_keys(cfg: DaemonConfig, python: Path | None = None) -> Path | None:
@@ -158,7 +161,10 @@ def install_authorized_keys(cfg: DaemonConfig, python: Path | None = None) -> Pa
     # the configuration first: the forced command names it
     _write_if_changed(conf, rsyncd_conf_text(volumes / ".incoming"))
     _write_if_changed(
-        target, authorized_keys_text(line, python or Path(sys.executable), volumes, conf)
+        target,
+        authorized_keys_text(
+            line, python or Path(sys.executable), volumes, conf, nice=cfg.replication.nice
+        ),
     )
     return target
 
@@ -197,7 +203,9 @@ class ReplicationWiring:
             self.volumes,
             link_for=self.link_for,
             live_for=self.live_for,
-            settings=EngineSettings(interval_s=r.interval_s, max_interval_s=r.max_interval_s),
+            settings=EngineSettings(
+                interval_s=r.interval_s, max_interval_s=r.max_interval_s, nice=r.nice
+            ),
             on_event=self._engine_event,
         )
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from meshcloud.core.errors import MeshcloudError
 from meshcloud.core.names import validate_name
 from meshcloud.replication.manifest import StaleEpoch
+from meshcloud.replication.runner import ProcessRunner
 from meshcloud.replication.schedule import TransferItem, order_transfers
 from meshcloud.replication.source import (
     ApplianceSource,
@@ -48,6 +49,7 @@ from meshcloud.replication.source import (
     Transport,
 )
 from meshcloud.replication.store import GenerationCallback, ReplicaStore
+from meshcloud.replication.volume import lowered_qemu_runner
 
 EventCallback = Callable[[str], None]
 
@@ -82,6 +84,7 @@ class EngineSettings:
     workers: int = 2
     tick_s: float = 0.1
     max_interval_s: float = 0.0  # 0 or <= interval_s: a fixed interval
+    nice: int = 0  # CPU priority of rsync, ssh and qemu-img (the daemon's default: 10)
 
 
 BUSY_HIGH = 0.5  # shipping took more than this share of the interval: double it
@@ -142,8 +145,9 @@ class ReplicationEngine:
         self.settings = settings or EngineSettings()
         self.on_event = on_event
         self.clock = clock
-        self.transport = Transport()
-        self.store = ReplicaStore(volumes, on_generation=on_generation)
+        self.transport = Transport(ProcessRunner(self.settings.nice))
+        self.qemu = lowered_qemu_runner(self.settings.nice)
+        self.store = ReplicaStore(volumes, on_generation=on_generation, qemu=self.qemu)
         self._duties: dict[str, ReplicationDuty] = {}
         self._states: dict[str, _State] = {}
         self._sources: dict[str, ApplianceSource] = {}
@@ -161,8 +165,9 @@ class ReplicationEngine:
             fresh = src is None
             if src is None:
                 src = ApplianceSource(
-                    self.volumes, appliance, transport=self.transport, clock=self.clock
-                )
+                    self.volumes, appliance, transport=self.transport, clock=self.clock,
+                    qemu=self.qemu,
+                )  # fmt: skip
                 self._sources[appliance] = src
             src.live = self.live_for(appliance)
             duty = self._duties.get(appliance)
@@ -180,7 +185,7 @@ class ReplicationEngine:
         """Make a new appliance's volume set here; return the paths to start it on."""
         src = ApplianceSource.create(
             self.volumes, appliance, disks, epoch, templates=templates,
-            transport=self.transport, clock=self.clock,
+            transport=self.transport, clock=self.clock, qemu=self.qemu,
         )  # fmt: skip
         with self._lock:
             self._sources[appliance] = src

@@ -1,8 +1,12 @@
 """The one executor of replication's rsync and ssh command lines.
 
 Each process runs in its own session (so a cancel kills rsync and the ssh
-it started), with a timeout, never through a shell. ``on_output`` receives
-stdout as it arrives (rsync's progress for seeding).
+it started), with a timeout, never through a shell of ours. ``on_output``
+receives stdout as it arrives (rsync's progress for seeding).
+
+Replication is background work: with ``nice`` set, every process runs below
+the control plane's priority (:func:`lowered_argv`), so the rack's API,
+Raft and agent keep their latency when a rack is busy shipping.
 """
 
 from __future__ import annotations
@@ -18,6 +22,25 @@ from dataclasses import dataclass
 
 from meshcloud.core.errors import ReplicationError
 
+# A new session is a new autogroup: the kernel shares the CPU between autogroups
+# first and only then by nice, so the session's own group must be lowered too
+# (where autogroups are off, the write fails and nice alone does the work).
+_LOWER = '{ echo "$0" > /proc/self/autogroup; } 2>/dev/null; exec nice -n "$0" "$@"'
+
+
+def lowered_argv(argv: Sequence[str], nice: int, *, own_session: bool = True) -> list[str]:
+    """``argv`` run at CPU priority ``nice`` (0: unchanged); its autogroup too in its own session.
+
+    The words of ``argv`` reach ``nice`` as arguments ("$@"), never as shell text.
+    """
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice must be 0-19, not {nice}")
+    if nice == 0:
+        return list(argv)
+    if not own_session:
+        return ["nice", "-n", str(nice), *argv]
+    return ["sh", "-c", _LOWER, str(nice), *argv]
+
 
 @dataclass(frozen=True)
 class ProcessResult:
@@ -31,7 +54,9 @@ class ProcessResult:
 class ProcessRunner:
     """Runs argv lists; :meth:`cancel_all` kills whatever is running (fencing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
+        lowered_argv([], nice)  # checks the range
+        self.nice = nice
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[bytes]] = set()
 
@@ -46,7 +71,7 @@ class ProcessRunner:
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                list(argv),
+                lowered_argv(argv, self.nice),
                 stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -81,6 +81,7 @@ class LoopbackSshd:
         netns: str | None = None,
         client_key: Path | None = None,
         python: Path | None = None,
+        nice: int = 0,
     ) -> None:
         self.workdir = workdir
         self.volumes = volumes
@@ -89,6 +90,7 @@ class LoopbackSshd:
         self.netns = netns
         self.client_key = client_key or workdir / "client_ed25519"
         self.python = python or Path(sys.executable)
+        self.nice = nice  # the receiving rsync's CPU priority (the daemon's: replication.nice)
         self.proc: subprocess.Popen[bytes] | None = None
         self.user = LOGIN_USER
 
@@ -112,7 +114,10 @@ class LoopbackSshd:
         (self.volumes / ".incoming").mkdir(parents=True, exist_ok=True)
         self.rsyncd_conf.write_text(rsyncd_conf_text(self.volumes / ".incoming"))
         (self.workdir / "authorized_keys").write_text(
-            authorized_keys_line(client_pub, self.python, self.volumes, self.rsyncd_conf) + "\n"
+            authorized_keys_line(
+                client_pub, self.python, self.volumes, self.rsyncd_conf, nice=self.nice
+            )
+            + "\n"
         )
         host = f"[{self.address}]:{self.port}" if self.port != 22 else self.address
         self.known_hosts.write_text(f"{host} {' '.join(host_pub.split()[:2])}\n")

@@ -284,6 +284,7 @@ def authorized_keys_line(
     *,
     rsync: str = "/usr/bin/rsync",
     from_addresses: Sequence[str] = (),
+    nice: int = 0,
 ) -> str:
     """The authorized_keys line restricting the cluster's replication key.
 
@@ -295,8 +296,12 @@ def authorized_keys_line(
     :mod:`meshcloud.replication.serve`, which runs only its own verbs.
     ``case`` compares the client's words as one literal string (no
     splitting, no globbing of what it expands to), so nothing the client
-    sends is ever run.
+    sends is ever run. With ``nice``, the rsync daemon runs at that CPU
+    priority, its SSH session's autogroup too (background work: the
+    receiving rack's control plane comes first).
     """
+    if not 0 <= nice <= 19:
+        raise InvalidInput(f"nice must be 0-19, not {nice}")
     rsync_cmd = shlex.join(
         [
             _safe_path("rsync", rsync),
@@ -314,8 +319,12 @@ def authorized_keys_line(
             _safe_path("volumes", volumes_dir),
         ]
     )
+    if nice:
+        rsync_cmd = f"{{ echo {nice} > /proc/self/autogroup; }} 2>/dev/null; exec nice -n {nice} {rsync_cmd}"
+    else:
+        rsync_cmd = f"exec {rsync_cmd}"
     command = (
-        f"case $SSH_ORIGINAL_COMMAND in '{RSYNC_DAEMON_REQUEST}') exec {rsync_cmd} ;;"
+        f"case $SSH_ORIGINAL_COMMAND in '{RSYNC_DAEMON_REQUEST}') {rsync_cmd} ;;"
         f" *) exec {serve_cmd} ;; esac"
     )
     return _key_line(public_key, command, from_addresses)

@@ -41,6 +41,7 @@ from meshcloud.replication.qemu import (
     parse_qcow2_header,
     repair_leaks_argv,
 )
+from meshcloud.replication.runner import lowered_argv
 from meshcloud.replication.transport import CHECKSUM_CHOICE
 
 MANIFEST = "manifest.json"
@@ -53,6 +54,17 @@ QemuRunner = Callable[[Sequence[str]], str]
 
 def default_qemu_runner(argv: Sequence[str]) -> str:
     return run_qemu_img(argv, timeout_s=3600.0)
+
+
+def lowered_qemu_runner(nice: int) -> QemuRunner:
+    """A qemu-img runner at CPU priority ``nice`` (qemu-img stays in the caller's session)."""
+    if nice == 0:
+        return default_qemu_runner
+
+    def run(argv: Sequence[str]) -> str:
+        return run_qemu_img(lowered_argv(argv, nice, own_session=False), timeout_s=3600.0)
+
+    return run
 
 
 def fsync_dir(path: Path) -> None:
