@@ -14,7 +14,7 @@ docs/replication.md) is sampled every 0.2 s.
 
 Two phases: **lan** (plain lab link, W = 5 MB/s) and **shaped** (what r2
 receives shaped to 20 Mbit/s, 50 ms delay, 1 % loss; W = 1 MB/s). Both run
-with a rack's default settings: ``interval_s`` 2 s, ``max_interval_s`` 12 s
+with a rack's default settings: ``interval_s`` 2 s, ``max_interval_s`` 12 s, ``nice`` 10
 (the interval stretches only while rsync keeps the link busy).
 Rack namespaces use BBR without slow start after idle, as real racks do.
 
@@ -148,8 +148,10 @@ async def run(quick: bool) -> dict[str, Any]:
     try:
         lab.up(racks=2, start_daemons=False, wait=False)
         r1, r2 = lab.rack("r1"), lab.rack("r2")
+        # a rack's default priority for replication's processes, on both sides
+        nice = ReplicationConfig().nice
         sshd = LoopbackSshd(
-            work / "sshd", work / "replica", address=r2.ip, port=2222, netns=r2.netns
+            work / "sshd", work / "replica", address=r2.ip, port=2222, netns=r2.netns, nice=nice
         )
         sshd.start()
         target = replace(sshd.target(control), netns=r1.netns)
@@ -172,7 +174,7 @@ async def run(quick: bool) -> dict[str, Any]:
             work / "source",
             link_for=lambda rack: ReplicaLink(rack, target, RsyncSettings(compress=False)),
             live_for=lambda name: LibvirtLiveOps(on_libvirt, f"mc-{name}"),
-            settings=EngineSettings(interval_s=interval_s, workers=1),
+            settings=EngineSettings(interval_s=interval_s, workers=1, nice=nice),
         )
         await asyncio.to_thread(
             engine.create_volumes, "demo", {"data": 2 << 30}, 1, {"data": image.data_template}

@@ -19,12 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshcloud.core.errors import ReplicationError
 
 # A new session is a new autogroup: the kernel shares the CPU between autogroups
 # first and only then by nice, so the session's own group must be lowered too
-# (where autogroups are off, the write fails and nice alone does the work).
+# (where autogroups are off, the write fails and nice alone does the work). The
+# whole pipeline is lowered (ssh's master, the receiver's sshd too): a stage left
+# at the daemon's priority would make the lowered ones wait for it even on an
+# idle rack.
 _LOWER = '{ echo "$0" > /proc/self/autogroup; } 2>/dev/null; exec nice -n "$0" "$@"'
 
 
@@ -40,6 +44,21 @@ def lowered_argv(argv: Sequence[str], nice: int, *, own_session: bool = True) ->
     if not own_session:
         return ["nice", "-n", str(nice), *argv]
     return ["sh", "-c", _LOWER, str(nice), *argv]
+
+
+def lower_process(pid: int, nice: int) -> bool:
+    """Lower a running process (and its autogroup) to ``nice``; False if it is gone or not ours.
+
+    For a process that put itself in a session of its own, such as ssh's
+    connection master (it daemonises).
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):  # no autogroups on this kernel
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    return True
 
 
 @dataclass(frozen=True)
@@ -108,14 +127,25 @@ class ProcessRunner:
                     proc.stdin.close()
                 except BrokenPipeError:
                     pass
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+            # A blocking wait returns the moment the process ends; Popen.wait(timeout=)
+            # polls with sleeps of up to 50 ms, which every transfer would pay.
+            timed_out = threading.Event()
+
+            def expire() -> None:
+                timed_out.set()
                 self._kill(proc)
+
+            timer = threading.Timer(timeout_s, expire)
+            timer.daemon = True
+            timer.start()
+            try:
                 proc.wait()
+            finally:
+                timer.cancel()
+            if timed_out.is_set():
                 raise ReplicationError(
                     f"{argv[0]} took longer than {timeout_s} s and was stopped; it will be retried"
-                ) from None
+                )
         finally:
             for t in threads:
                 t.join(timeout=10)

@@ -60,14 +60,16 @@ from meshcloud.replication.qemu import (
     flatten_argv,
     resize_argv,
 )
-from meshcloud.replication.runner import ProcessRunner
+from meshcloud.replication.runner import ProcessRunner, lower_process
 from meshcloud.replication.schedule import replication_lag_s
 from meshcloud.replication.store import SEED_NAME
 from meshcloud.replication.transport import (
     RsyncResult,
     RsyncSettings,
     SshTarget,
+    master_check_argv,
     master_exit_argv,
+    parse_master_pid,
     parse_progress2,
     parse_rsync_output,
     remote_disk_dir,
@@ -156,6 +158,7 @@ class Transport:
         self._sessions: dict[tuple[str, SshTarget], _Session] = {}
         self._sessions_lock = threading.Lock()
         self._pushed_to: set[SshTarget] = set()  # their rsync connection masters outlive runs
+        self._lowered: set[SshTarget] = set()  # masters already at the runner's priority
 
     def push(
         self,
@@ -184,6 +187,8 @@ class Transport:
         with self._sessions_lock:
             self._pushed_to.add(link.target)
         result = self.runner.run(argv, on_output=handler)
+        if result.returncode == 0 and self.runner.nice:
+            self._lower_master(link.target)
         if result.returncode != 0:
             if result.returncode == 255 or "connection" in result.stderr.lower():
                 raise Unavailable(
@@ -195,6 +200,21 @@ class Transport:
                 f" {result.stderr.strip()[-300:]}; the replica keeps its previous generation"
             )
         return parse_rsync_output(result.stdout)
+
+    def _lower_master(self, target: SshTarget) -> None:
+        """Lower the target's connection master once (it left our session when it daemonised)."""
+        with self._sessions_lock:
+            if target in self._lowered:
+                return
+            self._lowered.add(target)
+        argv = master_check_argv(target)
+        if argv is None:
+            return
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            pid = parse_master_pid(out.stderr)
+            if pid is not None:
+                lower_process(pid, self.runner.nice)
 
     def call(
         self, link: ReplicaLink, words: list[str], request: Mapping[str, Any] | None = None
@@ -244,6 +264,7 @@ class Transport:
             self._sessions.clear()
             targets = list(self._pushed_to)
             self._pushed_to.clear()
+            self._lowered.clear()
         for session in sessions:
             session.close()
         self.runner.cancel_all()

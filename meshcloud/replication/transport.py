@@ -184,6 +184,21 @@ def master_exit_argv(target: SshTarget) -> list[str] | None:
     ]
 
 
+def master_check_argv(target: SshTarget) -> list[str] | None:
+    """argv asking the target's connection master whether it runs (stderr names its pid)."""
+    exit_argv = master_exit_argv(target)
+    if exit_argv is None:
+        return None
+    i = exit_argv.index("-O")
+    return [*exit_argv[: i + 1], "check", *exit_argv[i + 2 :]]
+
+
+def parse_master_pid(stderr: str) -> int | None:
+    """The pid in ssh's ``Master running (pid=1234)``, or None."""
+    m = re.search(r"Master running \(pid=(\d+)\)", stderr)
+    return int(m.group(1)) if m else None
+
+
 def rsync_rsh(target: SshTarget) -> str:
     """The ``-e`` string for rsync (rsync splits it on spaces; every part is checked)."""
     return " ".join([*_ssh_prefix(target), SSH, *ssh_options(target)])
@@ -320,7 +335,9 @@ def authorized_keys_line(
         ]
     )
     if nice:
-        rsync_cmd = f"{{ echo {nice} > /proc/self/autogroup; }} 2>/dev/null; exec nice -n {nice} {rsync_cmd}"
+        # the session's autogroup and the connection's sshd (its parent) too
+        lower = f"echo {nice} > /proc/self/autogroup; echo {nice} > /proc/$PPID/autogroup"
+        rsync_cmd = f"{{ {lower}; }} 2>/dev/null; exec nice -n {nice} {rsync_cmd}"
     else:
         rsync_cmd = f"exec {rsync_cmd}"
     command = (

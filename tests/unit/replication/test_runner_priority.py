@@ -57,9 +57,25 @@ def test_qemu_img_runner_is_lowered_in_the_callers_session(monkeypatch) -> None:
 def test_the_receivers_rsync_daemon_is_lowered() -> None:
     line = authorized_keys_line(KEY, Path("/p"), Path("/v"), Path("/c/rsyncd.conf"), nice=10)
     assert (
-        "'rsync --server --daemon .') { echo 10 > /proc/self/autogroup; } 2>/dev/null;"
+        "'rsync --server --daemon .') { echo 10 > /proc/self/autogroup;"
+        " echo 10 > /proc/$PPID/autogroup; } 2>/dev/null;"
         " exec nice -n 10 /usr/bin/rsync --server --daemon --config=/c/rsyncd.conf . ;;"
     ) in line
     assert "*) exec /p -m meshcloud.replication.serve /v ;; esac" in line
     with pytest.raises(InvalidInput):
         authorized_keys_line(KEY, Path("/p"), Path("/v"), Path("/c"), nice=-1)
+
+
+def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    from meshcloud.core.errors import ReplicationError
+
+    pidfile = tmp_path / "child.pid"
+    runner = ProcessRunner()
+    with pytest.raises(ReplicationError, match=r"took longer than 0\.3 s"):
+        runner.run(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout_s=0.3)
+    child = int(pidfile.read_text())
+    # the whole session was killed: the background sleep too (a zombie at most, reaped by init)
+    state = Path(f"/proc/{child}/stat")
+    assert not state.exists() or state.read_text().split(")")[1].split()[0] == "Z"
+    assert runner.running_pids() == []
+    assert runner.run(["true"], timeout_s=5).returncode == 0
