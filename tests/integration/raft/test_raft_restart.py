@@ -50,10 +50,12 @@ async def test_stock_journal_without_dump_is_stuck_after_restart(
     await cluster.restart(victim)
 
     async def rejoined() -> bool:
+        # Its log is complete, so it may follow the old leader or win the next
+        # election itself (then a leader with an empty state: stuck all the same).
         mine, theirs = await victim.status(), await leader.status()
-        return mine["commit_index"] >= theirs["commit_index"] and mine["leader"] == leader.id
+        return bool(mine["leader"]) and mine["commit_index"] >= theirs["commit_index"]
 
-    await wait_until(rejoined, 15.0, f"{victim.name} to follow the leader again")
+    await wait_until(rejoined, 15.0, f"{victim.name} to rejoin the cluster (follower or leader)")
     await asyncio.sleep(2.0)  # the stimulus: give it every chance to apply
     status = await victim.status()
     assert status["last_applied"] == 1, status
