@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from meshcloud.core.errors import ReplicationError
 
@@ -44,21 +43,6 @@ def lowered_argv(argv: Sequence[str], nice: int, *, own_session: bool = True) ->
     if not own_session:
         return ["nice", "-n", str(nice), *argv]
     return ["sh", "-c", _LOWER, str(nice), *argv]
-
-
-def lower_process(pid: int, nice: int) -> bool:
-    """Lower a running process (and its autogroup) to ``nice``; False if it is gone or not ours.
-
-    For a process that put itself in a session of its own, such as ssh's
-    connection master (it daemonises).
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except OSError:
-        return False
-    with contextlib.suppress(OSError):  # no autogroups on this kernel
-        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
-    return True
 
 
 @dataclass(frozen=True)

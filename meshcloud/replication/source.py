@@ -46,6 +46,7 @@ from meshcloud.core.errors import (
     Unavailable,
 )
 from meshcloud.core.names import validate_name
+from meshcloud.hypervisor.priority import deprioritise
 from meshcloud.replication import manifest as mf
 from meshcloud.replication.manifest import (
     DiskDelta,
@@ -60,7 +61,7 @@ from meshcloud.replication.qemu import (
     flatten_argv,
     resize_argv,
 )
-from meshcloud.replication.runner import ProcessRunner, lower_process
+from meshcloud.replication.runner import ProcessRunner
 from meshcloud.replication.schedule import replication_lag_s
 from meshcloud.replication.store import SEED_NAME
 from meshcloud.replication.transport import (
@@ -214,7 +215,8 @@ class Transport:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
             pid = parse_master_pid(out.stderr)
             if pid is not None:
-                lower_process(pid, self.runner.nice)
+                with contextlib.suppress(ProcessLookupError, InvalidInput):
+                    deprioritise(pid, self.runner.nice)  # its threads and its autogroup
 
     def call(
         self, link: ReplicaLink, words: list[str], request: Mapping[str, Any] | None = None
