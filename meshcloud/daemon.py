@@ -19,6 +19,7 @@ from meshcloud.agent.control import StoreControl
 from meshcloud.agent.fencing import LoopLag, RackHooks, WatchdogGate
 from meshcloud.agent.lease import LeaseKeeper
 from meshcloud.agent.watchdog import Watchdog, keep_ticking, make_watchdog
+from meshcloud.aio import dump_tasks
 from meshcloud.config import DaemonConfig
 from meshcloud.core.leases import LeaseTimers
 from meshcloud.discovery import Discovery
@@ -79,6 +80,7 @@ class Daemon:
             peer_tls=self.peer_tls,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._tasks_stopped = False
         w = cfg.watchdog
         self.watchdog: Watchdog = make_watchdog(w.mode, w.socket, w.device)
         self.gate = WatchdogGate(self.watchdog, self._lease_expiry)
@@ -229,6 +231,9 @@ class Daemon:
         self._spawn(_warm_up(hv, self.cfg.state_dir), "hypervisor-warm-up")
 
     def _spawn(self, coro: Any, name: str) -> None:
+        if self._tasks_stopped:
+            coro.close()  # the daemon is stopping: nothing new starts (see _stop_tasks)
+            return
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
@@ -242,11 +247,19 @@ class Daemon:
             self.stopping.set()
 
     async def _stop_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Cancel every task and wait for them, including any started meanwhile.
+
+        A task can finish a step after its cancellation and spawn another (a rack
+        told to stop just as it joined its cluster spawns its lease); a single pass
+        would then wait for a task nobody cancelled, forever.
+        """
+        self._tasks_stopped = True
+        while pending := [t for t in self._tasks if not t.done()]:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _stop_store(self) -> None:
         if self.store is not None:
@@ -340,6 +353,7 @@ def run_daemon(cfg: DaemonConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("tasks:\n%s", dump_tasks()))
         await daemon.run()
 
     asyncio.run(main())

@@ -13,8 +13,10 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from meshcloud.aio import wait_event
 from meshcloud.config import DaemonConfig
 from meshcloud.core.errors import ConfigError, MeshcloudError
 from meshcloud.core.formation import (
@@ -84,6 +86,20 @@ def raft_peers(members: tuple[Member, ...], me: str) -> tuple[str, ...]:
     return tuple(sorted(f"{m.address}:{m.raft_port}" for m in members if m.name != me))
 
 
+@contextlib.asynccontextmanager
+async def stopped_unless_kept(store: SyncObjStore) -> AsyncIterator[None]:
+    """Stop ``store`` when the block fails or is cancelled (the daemon stopping meanwhile).
+
+    Nobody else holds the store until ``establish`` returns it; without this a
+    rack stopped while it starts its Raft node would leave the node running.
+    """
+    try:
+        yield
+    except BaseException:
+        await store.stop()
+        raise
+
+
 class Membership:
     """Brings this rack into its cluster and keeps its reported status current."""
 
@@ -127,7 +143,8 @@ class Membership:
             store = self._store(
                 found=False, peers=raft_peers(status.members, me), cluster_uuid=status.cluster_uuid
             )
-            await store.start()
+            async with stopped_unless_kept(store):
+                await store.start()
             return store
         changed = asyncio.Event()
 
@@ -154,7 +171,8 @@ class Membership:
                         cluster_uuid=decision.cluster_uuid,
                         founding=self.discovery.status.founding,
                     )
-                    await store.start()
+                    async with stopped_unless_kept(store):
+                        await store.start()
                     return store
                 if isinstance(decision, Join):
                     joined = await self._join(decision)
@@ -162,8 +180,7 @@ class Membership:
                         return joined
                 elif isinstance(decision, AlreadyFormed):  # formed meanwhile (cannot happen here)
                     return await self.establish()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WAIT_TICK_S)
+                await wait_event(changed, WAIT_TICK_S)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -178,14 +195,17 @@ class Membership:
             founding=decision.founding,
         )
         self.founding = decision.founding
-        await store.start()
-        try:
-            await store.wait_for(lambda s: me in s.racks, timeout_s=JOIN_TIMEOUT_S)
-        except MeshcloudError as exc:
-            log.warning("joining cluster %s failed (%s); retrying", decision.cluster_uuid[:8], exc)
-            await store.stop()
-            return None
-        await self.publish(store, decision.cluster_uuid)
+        async with stopped_unless_kept(store):
+            await store.start()
+            try:
+                await store.wait_for(lambda s: me in s.racks, timeout_s=JOIN_TIMEOUT_S)
+            except MeshcloudError as exc:
+                log.warning(
+                    "joining cluster %s failed (%s); retrying", decision.cluster_uuid[:8], exc
+                )
+                await store.stop()
+                return None
+            await self.publish(store, decision.cluster_uuid)
         log.info("joined cluster %s", decision.cluster_uuid[:8])
         return store
 

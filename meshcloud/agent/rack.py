@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from meshcloud.agent.executor import ActionExecutor
 from meshcloud.agent.hooks import CycleHooks
+from meshcloud.aio import wait_event
 from meshcloud.clock import now as clock_now
 from meshcloud.core.errors import MeshcloudError, ReplicationError
 from meshcloud.core.models import ApplianceState, Assignment, ClusterSnapshot, MovePhase
@@ -292,8 +293,7 @@ class RackAgent:
                 due = self.hooks.wake_in()
                 if due is not None:  # be awake when the lease runs out: pause at once
                     timeout = min(timeout, max(0.005, due + 0.005))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await wait_event(self._wake, timeout)
         finally:
             tasks = [*watchers, *self._stops.values(), *self._handovers.values()]
             for task in tasks:

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from meshcloud import __version__
+from meshcloud.aio import wait_event
 from meshcloud.config import DaemonConfig
 from meshcloud.core.errors import InvalidInput
 from meshcloud.core.formation import (
@@ -537,8 +538,7 @@ class Discovery:
                 target.admitted_name = peer.name
                 self._record(peer)
                 delay = self._interval() * random.uniform(0.8, 1.2)  # noqa: S311
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(target.wake.wait(), delay)
+            await wait_event(target.wake, delay)
 
     async def _txt_loop(self) -> None:
         while self._running:

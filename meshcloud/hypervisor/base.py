@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
+from meshcloud.aio import within
 from meshcloud.core.models import ApplianceSpec
 from meshcloud.hypervisor import qemu_img
 from meshcloud.hypervisor.domain_xml import HostDetails
@@ -96,7 +97,7 @@ class EventSubscription:
 
     async def async_next(self, timeout_s: float | None = None) -> LifecycleEvent:
         """The next event; raises TimeoutError after ``timeout_s``."""
-        return await asyncio.wait_for(self._queue.get(), timeout_s)
+        return await within(self._queue.get(), timeout_s)
 
     def pending(self) -> list[LifecycleEvent]:
         """Events received and not yet taken, without waiting."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import queue
@@ -36,6 +35,8 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from meshcloud.aio import wait_event
 
 log = logging.getLogger("meshcloud.watchdog")
 
@@ -107,8 +108,7 @@ async def async_feed_watchdog(
     while not stopping.is_set():
         if is_healthy():
             notifier.ping()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=interval)
+        await wait_event(stopping, interval)
     notifier.stopping()
 
 

@@ -24,6 +24,7 @@ import contextlib
 import re
 from collections.abc import Mapping
 
+from meshcloud.aio import within
 from meshcloud.core.errors import MeshcloudError
 
 DEFAULT_PORT = 3493
@@ -149,7 +150,7 @@ class NutClient:
     async def async_list_vars(self) -> Mapping[str, str]:
         """Every variable of the UPS (``LIST VAR``); raises NutError on any problem."""
         try:
-            return await asyncio.wait_for(self._list_vars(), self.timeout_s)
+            return await within(self._list_vars(), self.timeout_s)
         except TimeoutError:
             raise NutError(
                 f"upsd at {self.where} did not answer within {self.timeout_s:g} s"

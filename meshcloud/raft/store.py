@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from meshcloud.aio import wait_event
 from meshcloud.core.errors import Unavailable
 from meshcloud.core.models import ClusterSnapshot, Rack
 from meshcloud.core.state import PlacementState
@@ -137,7 +138,5 @@ class PlacementStore(ABC):
                 raise Unavailable(
                     f"the placement map did not reach the expected state within {timeout_s} s"
                 )
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
+            if not await wait_event(event, remaining):
                 continue

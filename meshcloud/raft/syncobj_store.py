@@ -34,6 +34,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObjConf
 
 from meshcloud import clock
+from meshcloud.aio import wait_event, within
 from meshcloud.config import MIN_SECRET_LEN, WEAK_SECRETS, DaemonConfig
 from meshcloud.core.errors import ConfigError, Unavailable
 from meshcloud.core.models import Capacity, Rack
@@ -273,7 +274,13 @@ class SyncObjStore(PlacementStore):
         self._role = "stopped"
 
     async def _start_node(self, role: str, peers: list[str], founding: bool = False) -> None:
-        self._node = await asyncio.to_thread(self._build_node, role, peers)
+        building = asyncio.ensure_future(asyncio.to_thread(self._build_node, role, peers))
+        try:
+            self._node = await asyncio.shield(building)
+        except asyncio.CancelledError:
+            # the thread builds the node anyway: keep it, so that stop() stops it
+            self._node = await building
+            raise
         if founding and not peers:
             # The founder of a new cluster is its only voter: nobody else can lead, so it
             # stands now instead of after an election timeout (0.6-1.4 s that every
@@ -418,8 +425,7 @@ class SyncObjStore(PlacementStore):
         limit = self.settings.propose_timeout_s if timeout_s is None else timeout_s
         if self._node is None and self._converting:
             # restarting as a voter or a follower takes a moment: wait for it, not fail
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._node_back.wait(), limit)
+            await wait_event(self._node_back, limit)
         node, machine = self._node, self._machine
         if node is None or machine is None:
             raise Unavailable(f"the Raft store of rack {self.settings.rack.name} is not running")
@@ -437,7 +443,7 @@ class SyncObjStore(PlacementStore):
         send(machine, callback)
         node.wake()
         try:
-            result, error = await asyncio.wait_for(future, limit)
+            result, error = await within(future, limit)
         except TimeoutError:
             raise Unavailable(
                 f"not committed within {limit} s: rack {self.settings.rack.name} cannot reach a"
@@ -495,8 +501,7 @@ class SyncObjStore(PlacementStore):
             if self._membership_changed:
                 await asyncio.sleep(self.settings.reconcile_period_s)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self.settings.reconcile_period_s)
+            await wait_event(changed, self.settings.reconcile_period_s)
 
     async def _try(self, command: Mapping[str, Any]) -> None:
         try:

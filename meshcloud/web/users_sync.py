@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from meshcloud.aio import wait_event
 from meshcloud.core.errors import InvalidInput, MeshcloudError
 from meshcloud.web.control import ClusterControl
 from meshcloud.web.tls import PLAIN, PeerTLS, certificate_problem
@@ -77,8 +78,7 @@ class UsersSync:
             headers=headers, timeout=timeout, connector=self.tls.connector()
         ) as session:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await wait_event(self._wake, self.interval_s)
                 self._wake.clear()
                 pending, self._pending = self._pending, None
                 if pending is not None:

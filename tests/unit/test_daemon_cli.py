@@ -1,6 +1,8 @@
 """The daemon's start-up checks, through the real CLI."""
 
+import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -78,7 +80,10 @@ def test_daemon_starts_and_answers_health(tmp_path: Path) -> None:
         try:
             code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the daemon logs what each task waits for
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
             proc.kill()  # never leave a daemon behind, even when it stops too slowly
-            proc.wait()
-            raise
+            _, err = proc.communicate()
+            raise AssertionError(f"the daemon did not stop within 30 s:\n{err[-20000:]}") from None
         assert code == 0
