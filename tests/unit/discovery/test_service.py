@@ -127,8 +127,11 @@ async def test_one_static_address_is_enough(lab: Lab) -> None:
     b = await lab.add("rack-b", 15, (addr(a),))
     c = await lab.add("rack-c", 16, (addr(a),))
     await until(lambda: all(len(d.peers) == 2 for d in (a, b, c)))
-    assert b.peers["rack-c"].via == "gossip" or c.peers["rack-b"].via == "gossip"
-    assert {t.via for t in b.targets} >= {"static"}
+    # Neither was told the other's address: each heard of it in a's report ("gossip")
+    # or from the other's probe, when that arrived first ("inbound"; both can).
+    assert {b.peers["rack-c"].via, c.peers["rack-b"].via} <= {"gossip", "inbound"}
+    assert [f"{t.address}:{t.api_port}" for t in b.targets if t.via == "static"] == [addr(a)]
+    assert [f"{t.address}:{t.api_port}" for t in c.targets if t.via == "static"] == [addr(a)]
 
 
 async def test_three_racks_form_one_cluster_and_a_late_rack_joins(lab: Lab) -> None:
