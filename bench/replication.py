@@ -14,7 +14,9 @@ rotates between repetitions:
 
 - **meshcloud**: one cycle (freeze, ship over rsync+ssh, replica commit)
   until the replica has acknowledged the new generation, then the local
-  merge (timed and counted apart: it runs after the replica is consistent);
+  merge (timed and counted apart: it runs after the replica is consistent;
+  with no cache drop before it, since in the daemon it runs during the
+  ship and reads the delta the ship has just read);
 - **rsync --no-whole-file --inplace** of the raw image over the same ssh;
 - **default rsync** (delta transfer to a temporary file, then rename).
 
@@ -257,7 +259,9 @@ def main() -> int:
                         if rep_.errors:
                             raise RuntimeError(f"cycle failed: {rep_.errors}")
                         sent = rep_.shipped["rack-b"].bytes_sent + 2048  # + the commit request
-                        drop_cache(work / "source")
+                        # no cache drop here: in the daemon the merge runs during the
+                        # ship, while the delta it reads is still in the page cache
+                        # (QEMU writes the disk through it: cache=writeback)
                         msecs, mread, _, _ = measure(source.merge)
                         source.prune_outbox(["rack-b"])
                         row[method] = {
