@@ -8,6 +8,8 @@ live block commit. Every generation the replica holds must be an exact copy
 of the saved frozen generation, with a gap-free counter log. Then a planned
 move: pause, final sync, promote the replica, boot it there: the counter
 continues from at least the last value the source had on its disk.
+On the way, the replica's merge, an rsync transfer and the whole receiving
+"rack" are each killed half-way: the replica is always a saved generation.
 """
 
 from __future__ import annotations
@@ -235,6 +237,43 @@ async def _scenario(rack_ns: str, tmp_path: Path, target: Any) -> None:
         m = store.volume("demo").load()
         assert m.generation == report.generation
         assert _identical(store.volume("demo").top_path(m, "data"), saved[m.generation])
+
+        # the receiving rack killed at a random instant of a cycle (its sshd, rsync
+        # daemon and verbs at once): once it recovers, its copy is always a saved
+        # generation; back up, the next cycles catch up
+        receiver = LoopbackSshd(tmp_path / "sshd-dying", store.root)
+        control2 = Path(tempfile.mkdtemp(prefix="mck-"))
+        receiver.start()
+        try:
+            dying = ReplicaLink("rack-b", receiver.target(control2), RsyncSettings(compress=False))
+            outcomes = set()
+            for _ in range(8):
+                await asyncio.sleep(0.5)  # the guest writes a delta meanwhile (1 MB/s)
+                cycle = asyncio.create_task(asyncio.to_thread(source.cycle, 1, [dying]))
+                await asyncio.sleep(rng.uniform(0.0, 0.1))  # a random instant, not synchronisation
+                receiver.kill()
+                report = await cycle
+                outcomes.add("failed" if "rack-b" in report.errors else "ok")
+                source.transport.close()  # its connection masters died with the rack
+                await asyncio.to_thread(store.recover_all)
+                m = store.volume("demo").load()
+                assert _identical(store.volume("demo").top_path(m, "data"), saved[m.generation]), (
+                    f"the replica is not generation {m.generation} after its rack died"
+                )
+                receiver.start()
+            assert "failed" in outcomes, "no cycle was interrupted: the kills came too late"
+            for _ in range(3):  # a lost acknowledgement costs a cycle that asks afresh
+                report = await asyncio.to_thread(source.cycle, 1, [dying])
+                if not report.errors:
+                    break
+            assert not report.errors, report.errors
+            m = store.volume("demo").load()
+            assert m.generation == report.generation
+            assert _identical(store.volume("demo").top_path(m, "data"), saved[m.generation])
+        finally:
+            source.transport.close()
+            receiver.stop()
+            shutil.rmtree(control2, ignore_errors=True)
 
         # planned move: pause, final sync, stop here, start from the replica
         await hv.async_pause("demo")
