@@ -138,5 +138,4 @@ class PlacementStore(ABC):
                 raise Unavailable(
                     f"the placement map did not reach the expected state within {timeout_s} s"
                 )
-            if not await wait_event(event, remaining):
-                continue
+            await wait_event(event, remaining)
